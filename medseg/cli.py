@@ -1,0 +1,164 @@
+"""The `medseg` command: parse arguments, call the library, print. Heavy imports live inside commands
+so that `medseg --help` answers at once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from medseg.errors import InputError
+
+app = typer.Typer(
+    name="medseg",
+    help="3D medical image segmentation: train, predict, evaluate and review.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    """3D medical image segmentation: train, predict, evaluate and review."""
+
+
+def _echo(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command("sample-data")
+def sample_data(
+    task: str = typer.Option("prostate", "--task", "-t", help="Task whose phantom to generate."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the dataset (MSD layout)."),
+    cases: int = typer.Option(16, "--cases", "-n", min=1, help="Training cases."),
+    test_cases: int = typer.Option(4, "--test-cases", min=0, help="Test cases (imagesTs/labelsTs)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the bundled set uses the default."),
+) -> None:
+    """Generate synthetic CT phantoms with labels (the bundled sample data is made this way)."""
+    from medseg.phantom import write_sample_dataset
+
+    root = write_sample_dataset(out, task=task, n_train=cases, n_test=test_cases, seed=seed)
+    typer.echo(f"wrote {cases} training and {test_cases} test cases to {root}")
+
+
+@app.command("check-dataset")
+def check_dataset(
+    path: Path = typer.Argument(..., help="Dataset folder: MSD, nnU-Net v2 raw, or images/ + labels/."),
+    task: str = typer.Option("prostate", "--task", "-t", help="Task name or task file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write fingerprint.json."),
+) -> None:
+    """Check every file of a dataset before training and write its fingerprint."""
+    from medseg.config import load_task
+    from medseg.datasets import check_dataset as run_check
+
+    report = run_check(path, load_task(task), fingerprint_path=out)
+    typer.echo(report.summary())
+    if report.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    task: str = typer.Option("prostate", "--task", "-t", help="Task name (pipelines/) or task file."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset folder; default: the task's bundled sample data."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder; default runs/<task>/<timestamp>."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the task's epochs."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Wall-clock budget; the LR schedule fits it."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for splits, sampling and weights."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds."),
+    fold: int = typer.Option(0, "--fold", min=0, help="Which fold to hold out for validation."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
+) -> None:
+    """Train a 3D U-Net on a dataset (default: the bundled sample data, on the CPU)."""
+    from medseg.train import TrainOptions, fit
+
+    options = TrainOptions(task=task, data=data, out=out, epochs=epochs, max_minutes=max_minutes, device=device,
+                           seed=seed, folds=folds, fold=fold, resume=resume, compile=compile)
+    run_dir = fit(options)
+    typer.echo(f"model folder: {run_dir}")
+
+
+@app.command()
+def predict(
+    inputs: List[Path] = typer.Argument(..., help="Image files, DICOM folders, or a folder of images."),
+    out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Run folder from `medseg train`; default: newest for --task."),
+    task: str = typer.Option("prostate", "--task", "-t", help="Task used to find the newest model under runs/."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    fast: bool = typer.Option(False, "--fast", help="Lower window overlap: faster, slightly less smooth."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time flips (paired organs swapped on left-right flips)."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-organ probability maps."),
+    reference: Optional[List[Path]] = typer.Option(None, "--reference", "-r", help="Reference label map(s) or folder: also write metrics."),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay PNGs for review."),
+) -> None:
+    """Segment scans: writes <case>_seg.nii.gz on the scan's exact grid, volumes and overlays."""
+    from medseg.predict import PredictOptions, predict_many
+
+    options = PredictOptions(model=model, task=task, device=device, fast=fast, tta=tta, probabilities=probabilities,
+                             overlays=overlays)
+    failures = predict_many(inputs, out, options, references=reference or [])
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", "-p", help="Predicted mask file or folder."),
+    ref: Path = typer.Option(..., "--ref", "-r", help="Reference mask file or folder."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Task name or file, for organ names and tolerances."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="labels.json mapping ids to organ names."),
+    out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder for metrics.csv, summary.json, plots."),
+) -> None:
+    """Per-organ Dice, IoU, surface distances and volumes of predictions against references."""
+    from medseg.evaluate import run_evaluation
+
+    run_evaluation(pred, ref, out, task=task, labels=labels)
+
+
+@app.command()
+def overlay(
+    image: Path = typer.Argument(..., help="Scan (file or DICOM folder)."),
+    mask: Path = typer.Argument(..., help="Label map on the scan's grid."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference label map to draw beside the mask."),
+    task: str = typer.Option("prostate", "--task", "-t", help="Task name or file, for organ names and colours."),
+    out: Path = typer.Option(Path("overlays"), "--out", "-o", help="Output folder for the PNGs."),
+) -> None:
+    """Draw axial, coronal and sagittal overlay montages of a mask on its scan."""
+    from medseg.config import load_task
+    from medseg.overlay import write_overlays
+
+    for path in write_overlays(image, mask, load_task(task), out, reference=ref):
+        typer.echo(str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        app(args=argv, prog_name="medseg")  # exits itself on success and on usage errors
+    except KeyboardInterrupt:
+        _echo("interrupted")
+        return 130
+    except (InputError, OSError) as error:
+        if debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _echo(f"error: {message}")
+        return 2 if isinstance(error, InputError) else 1
+    except Exception as error:  # a bug: say so in one line, keep the traceback behind --debug
+        if debug:
+            raise
+        _echo(f"error: internal error ({type(error).__name__}: {str(error).strip()[:300]}); rerun with --debug for details")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Task files: one declarative YAML/JSON file per task, parsed once into frozen, typed config objects.
+
+A task file under `pipelines/` (or any path) says everything about a segmentation problem: labels,
+modality, spacing, intensities, patch size, sampling, augmentation, network, loss, optimiser, schedule
+and inference. Unknown keys and bad values fail here, naming the file and the key, so that a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from medseg.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+# A colour per label id when the task gives none: distinct, readable on grey CT (Glasbey-like).
+DEFAULT_COLORS = (
+    (230, 25, 75), (255, 225, 25), (245, 130, 48), (60, 180, 75), (0, 130, 200), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+)
+
+
+@dataclass(frozen=True)
+class Label:
+    id: int  # voxel value in label maps, 1..255
+    name: str  # organ name, used as the key in every report
+    color: tuple[int, int, int] = (255, 0, 0)  # RGB for overlays and viewers
+
+
+@dataclass(frozen=True)
+class Intensity:
+    # CT: clip to this HU window before normalising; None clips to the dataset's foreground
+    # 0.5/99.5 percentiles instead (nnU-Net's CT scheme). Ignored for MR.
+    window: tuple[float, float] | None = None
+    # dataset: subtract the training set's foreground mean and divide by its std (CT);
+    # image: per-image z-score (MR); none: leave values as they are.
+    normalize: Literal["dataset", "image", "none"] = "dataset"
+    # (level, width) used to display the scan in overlays: soft tissue W400/L40 for the pelvis.
+    display: tuple[float, float] = (40.0, 400.0)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    samples_per_volume: int = 8  # patches drawn from one volume before moving to the next
+    queue_length: int = 64  # patches held in the TorchIO queue
+    # share of patches centred on an organ voxel; the rest are centred anywhere in the volume
+    foreground_probability: float = 0.67
+    # relative weight of each organ among organ-centred patches; small organs need their share
+    label_weights: dict[str, float] | None = None
+    num_workers: int = 0  # loader processes; 0 keeps everything in the main process (2-core CPUs)
+
+
+@dataclass(frozen=True)
+class AffineAug:
+    p: float = 0.2  # probability per patch
+    degrees: float = 10.0  # rotation range, each axis
+    scales: float = 0.1  # isotropic scaling range 1 +/- scales
+
+
+@dataclass(frozen=True)
+class ElasticAug:
+    p: float = 0.1
+    num_control_points: int = 7
+    max_displacement: float = 5.0  # mm
+
+
+@dataclass(frozen=True)
+class FlipAug:
+    p: float = 0.5
+    # patient axes to flip: LR, AP, SI. A left-right flip swaps the task's paired organs.
+    axes: tuple[str, ...] = ("LR",)
+
+
+@dataclass(frozen=True)
+class NoiseAug:
+    p: float = 0.15
+    std: float = 0.1  # in normalised intensity units
+
+
+@dataclass(frozen=True)
+class BlurAug:
+    p: float = 0.1
+    std: tuple[float, float] = (0.5, 1.0)  # mm
+
+
+@dataclass(frozen=True)
+class GammaAug:
+    p: float = 0.15
+    log_gamma: float = 0.3
+
+
+@dataclass(frozen=True)
+class ContrastAug:
+    p: float = 0.15
+    range: tuple[float, float] = (0.75, 1.25)  # multiply deviations from the patch mean
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Each entry present in the task file is switched on; absent ones are off."""
+
+    affine: AffineAug | None = None
+    elastic: ElasticAug | None = None
+    flip: FlipAug | None = None
+    noise: NoiseAug | None = None
+    blur: BlurAug | None = None
+    gamma: GammaAug | None = None
+    contrast: ContrastAug | None = None
+
+
+@dataclass(frozen=True)
+class Network:
+    name: Literal["dynunet", "unet", "segresnet", "swinunetr"] = "dynunet"
+    # feature maps per resolution level; nnU-Net uses 32..320, a narrower net trains on a CPU
+    filters: tuple[int, ...] = (16, 32, 64, 128, 256)
+    deep_supervision: bool = True  # DynUNet only: extra heads at lower resolutions, weighted 1/2^k
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: Literal["dice_ce"] = "dice_ce"
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: Literal["sgd", "adamw"] = "sgd"  # sgd: Nesterov SGD with poly decay (nnU-Net)
+    lr: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int = 50
+    steps_per_epoch: int = 50
+    batch_size: int = 2
+    lr_schedule: Literal["poly", "cosine"] = "poly"
+    poly_exponent: float = 0.9
+    grad_clip: float = 12.0  # max gradient norm (nnU-Net)
+    validate_every: int = 5  # epochs between full-volume validations
+    max_minutes: float | None = None  # wall-clock budget; the LR schedule is stretched to it
+
+
+@dataclass(frozen=True)
+class Inference:
+    overlap: float = 0.5  # sliding-window overlap
+    fast_overlap: float = 0.25  # overlap used with --fast
+    blending: Literal["gaussian", "constant"] = "gaussian"
+    sw_batch_size: int = 4  # windows per forward: batches keep conv3d on the fast oneDNN path
+    tta: bool = False  # test-time flips by default
+    largest_component: tuple[str, ...] = ()  # organs reduced to their largest connected component
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    labels: tuple[Label, ...]
+    modality: Literal["CT", "MR"] = "CT"
+    channels: tuple[str, ...] = ("CT",)
+    description: str = ""
+    pairs: tuple[tuple[str, str], ...] = ()  # (left, right) organs swapped by a left-right flip
+    ignore_label: int | None = None  # voxel value the loss ignores (nnU-Net convention)
+    spacing: tuple[float, float, float] | Literal["auto"] = "auto"  # mm; auto: dataset median
+    patch_size: tuple[int, int, int] = (96, 96, 48)  # voxels at the target spacing, RAS order
+    intensity: Intensity = field(default_factory=Intensity)
+    sampling: Sampling = field(default_factory=Sampling)
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    network: Network = field(default_factory=Network)
+    loss: Loss = field(default_factory=Loss)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    schedule: Schedule = field(default_factory=Schedule)
+    inference: Inference = field(default_factory=Inference)
+    # bundled dataset under sample_data/ used when `medseg train` is given no --data
+    sample_data: str | None = None
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {label.id: label.name for label in self.labels}
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of the network: background plus the highest label id."""
+        return max(label.id for label in self.labels) + 1
+
+    def label_id(self, name: str) -> int:
+        for label in self.labels:
+            if label.name == name:
+                return label.id
+        raise ConfigError(f"task '{self.name}' has no organ named '{name}' (organs: {', '.join(self.label_names.values())})")
+
+    def swap_pairs(self) -> dict[int, int]:
+        """Label id mapping of a left-right flip: each paired organ becomes its partner."""
+        mapping = {}
+        for left, right in self.pairs:
+            a, b = self.label_id(left), self.label_id(right)
+            mapping[a], mapping[b] = b, a
+        return mapping
+
+
+# --------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Convert a YAML/JSON value to the annotated type, or raise naming the key."""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}' must be {expected}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key, source)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0] if len(errors) == 1 else fail(" or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value in args:
+            return value
+        raise fail("one of " + ", ".join(repr(a) for a in args))
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return _build(tp, value, source, prefix=f"{key}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"a list ({_type_name(tp)})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise fail(f"a list of {len(args)} values")
+        return tuple(_coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return {_coerce(args[0], k, key, source): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail("a string")
+    raise TypeError(f"config type {tp} is not supported")  # a bug in this module, not user input
+
+
+def _build(cls: type, raw: dict, source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (expected one of: {', '.join(names)})")
+    kwargs = {k: _coerce(hints[k], v, prefix + k, source) for k, v in raw.items()}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{source}: missing key '{prefix}{missing[0]}'")
+    return cls(**kwargs)
+
+
+def _parse_labels(raw: Any, source: str) -> list[dict]:
+    """Labels are written `id: name` or `id: {name: ..., color: [r, g, b]}`."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{source}: key 'labels' must be a mapping of label id to organ name, got {raw!r}")
+    labels = []
+    for key, value in raw.items():
+        try:
+            label_id = int(key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: key 'labels.{key}' must be an integer label id") from None
+        if not 1 <= label_id <= 255:
+            raise ConfigError(f"{source}: key 'labels.{key}' must be a label id in 1..255 (0 is background)")
+        entry = {"name": value} if isinstance(value, str) else value
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{source}: key 'labels.{key}' must be an organ name or {{name, color}}, got {value!r}")
+        entry = {"color": list(DEFAULT_COLORS[(label_id - 1) % len(DEFAULT_COLORS)]), **entry, "id": label_id}
+        labels.append(entry)
+    return labels
+
+
+def parse_task(raw: Any, source: str) -> Task:
+    """Validate a task mapping (from YAML, JSON or a model folder) into a `Task`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a task file must be a mapping of keys to values, got {type(raw).__name__}")
+    raw = dict(raw)
+    raw["labels"] = _parse_labels(raw.get("labels"), source)
+    task = _build(Task, raw, source)
+    _check(task, source)
+    return task
+
+
+def _check(task: Task, source: str) -> None:
+    names = [label.name for label in task.labels]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: key 'labels' has a repeated organ name")
+    for label in task.labels:
+        if not all(0 <= c <= 255 for c in label.color):
+            raise ConfigError(f"{source}: key 'labels.{label.id}.color' must be three values in 0..255")
+    known = set(names)
+    for i, pair in enumerate(task.pairs):
+        for name in pair:
+            if name not in known:
+                raise ConfigError(f"{source}: key 'pairs[{i}]' names '{name}', which is not an organ of this task")
+    for name in list(task.inference.largest_component) + list(task.sampling.label_weights or {}):
+        if name not in known:
+            raise ConfigError(f"{source}: organ '{name}' in the inference/sampling settings is not an organ of this task")
+    if isinstance(task.spacing, tuple) and min(task.spacing) <= 0:
+        raise ConfigError(f"{source}: key 'spacing' must be positive millimetres or 'auto', got {task.spacing}")
+    if min(task.patch_size) < 16:
+        raise ConfigError(f"{source}: key 'patch_size' must be at least 16 voxels per axis, got {task.patch_size}")
+    if task.intensity.window and task.intensity.window[0] >= task.intensity.window[1]:
+        raise ConfigError(f"{source}: key 'intensity.window' must be [low, high] with low < high")
+    if not 0 <= task.inference.overlap < 1 or not 0 <= task.inference.fast_overlap < 1:
+        raise ConfigError(f"{source}: key 'inference.overlap' must be in [0, 1)")
+    if not 0 <= task.sampling.foreground_probability <= 1:
+        raise ConfigError(f"{source}: key 'sampling.foreground_probability' must be in [0, 1]")
+    if task.augmentation.flip:
+        for axis in task.augmentation.flip.axes:
+            if axis not in ("LR", "AP", "SI"):
+                raise ConfigError(f"{source}: key 'augmentation.flip.axes' must list LR, AP or SI, got {axis!r}")
+    if task.schedule.epochs < 1 or task.schedule.steps_per_epoch < 1 or task.schedule.batch_size < 1:
+        raise ConfigError(f"{source}: keys 'schedule.epochs', 'steps_per_epoch' and 'batch_size' must be >= 1")
+
+
+def task_to_dict(task: Task) -> dict:
+    """The task as plain JSON-able data that `parse_task` reads back to an equal `Task`."""
+    data = dataclasses.asdict(task)
+    data["labels"] = {str(label.id): {"name": label.name, "color": list(label.color)} for label in task.labels}
+    return data
+
+
+# ------------------------------------------------------------------------------------- discovery
+
+
+def pipelines_dirs() -> list[Path]:
+    """Where named tasks live: inside the installed package, or pipelines/ of a source checkout."""
+    return [d for d in (PACKAGE_DIR / "pipelines", PACKAGE_DIR.parent / "pipelines") if d.is_dir()]
+
+
+def sample_data_dir(name: str) -> Path:
+    """A bundled dataset under sample_data/, installed or in a source checkout."""
+    for base in (PACKAGE_DIR / "sample_data", PACKAGE_DIR.parent / "sample_data"):
+        if (base / name).is_dir():
+            return base / name
+    raise ConfigError(f"bundled sample data '{name}' is not installed; pass --data PATH to a dataset")
+
+
+def available_tasks() -> list[str]:
+    names = set()
+    for folder in pipelines_dirs():
+        names.update(p.stem for p in folder.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+    return sorted(names)
+
+
+def read_mapping(path: Path) -> Any:
+    """Read a YAML or JSON file, turning syntax errors into one-line messages."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        import yaml
+
+        return yaml.safe_load(text)
+    except Exception as error:  # json.JSONDecodeError or yaml.YAMLError: both mean a malformed file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first_line})") from None
+
+
+def load_task(name_or_path: str | Path) -> Task:
+    """Load a task by name (`prostate`, from pipelines/) or by path to a YAML/JSON file."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    looks_like_path = path.suffix in (".yaml", ".yml", ".json") or "/" in text
+    if not looks_like_path:
+        for folder in pipelines_dirs():
+            for suffix in (".yaml", ".yml", ".json"):
+                if (folder / f"{text}{suffix}").is_file():
+                    path = folder / f"{text}{suffix}"
+                    break
+            if path.is_file():
+                break
+        else:
+            raise ConfigError(f"unknown task '{text}' (available: {', '.join(available_tasks()) or 'none'}; "
+                              "or pass a path to a task .yaml file)")
+    if not path.is_file():
+        raise ConfigError(f"task file not found: {path}")
+    return parse_task(read_mapping(path), str(path))

@@ -1,0 +1,246 @@
+"""Reading scans and writing masks with their exact geometry.
+
+SimpleITK does the file work: it reads NIfTI, NRRD, MHA/MHD and DICOM series, and writes a uint8 mask
+5-10x faster than nibabel. Arrays in medseg are indexed (X, Y, Z) = (i, j, k), the voxel order of the
+file, as in nibabel and TorchIO; the physical placement of those voxels is a `Grid`.
+
+Every write goes to a temporary file in the target folder and is renamed into place, so a crash or a
+Ctrl-C never leaves a partial file where a result is expected. Inputs are opened read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from medseg.errors import InputError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where a voxel array sits in the world: the ITK/LPS convention, as SimpleITK reports it."""
+
+    shape: tuple[int, int, int]  # voxels along i, j, k
+    spacing: tuple[float, float, float]  # mm
+    origin: tuple[float, float, float]  # mm, LPS world position of voxel (0, 0, 0)
+    direction: tuple[float, ...]  # 3x3 row-major: column c is the world direction of voxel axis c
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Grid:
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()))
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4x4 voxel index -> LPS world (mm)."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = np.reshape(self.direction, (3, 3)) * np.asarray(self.spacing)
+        matrix[:3, 3] = self.origin
+        return matrix
+
+    @property
+    def ras_affine(self) -> np.ndarray:
+        """4x4 voxel index -> RAS world (mm): the NIfTI/nibabel/TorchIO convention."""
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def matches(self, other: Grid, tolerance: float = 1e-4) -> bool:
+        """Same voxels in the same place (spacing/origin relative to the voxel size)."""
+        if self.shape != other.shape:
+            return False
+        scale = max(min(self.spacing), 1e-6)
+        return (np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=tolerance * scale)
+                and np.allclose(self.origin, other.origin, atol=tolerance * 10 * scale)
+                and np.allclose(self.direction, other.direction, atol=tolerance))
+
+    def describe(self) -> str:
+        spacing = "x".join(f"{s:.3g}" for s in self.spacing)
+        return f"{'x'.join(map(str, self.shape))} voxels at {spacing} mm, orientation {orientation_code(self)}"
+
+
+def orientation_code(grid: Grid) -> str:
+    """Anatomical direction each voxel axis points to, e.g. 'LPS' or 'RAS' (ITK letters are 'to')."""
+    direction = np.reshape(grid.direction, (3, 3))
+    letters = ("L", "P", "S"), ("R", "A", "I")
+    code = ""
+    for axis in range(3):
+        column = direction[:, axis]
+        world = int(np.argmax(np.abs(column)))
+        code += letters[0][world] if column[world] > 0 else letters[1][world]
+    return code
+
+
+def case_name(path: str | Path) -> str:
+    """File name without its image suffix: `case_001.nii.gz` -> `case_001`; a folder keeps its name."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_image_path(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+# ------------------------------------------------------------------------------------------ read
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: folder holds no DICOM series (and is not an image file)")
+    # GDCM sorts the files by slice position along the normal, not by file name.
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    if len(files) < 2:
+        raise InputError(f"{folder}: the DICOM series has a single slice; a 3D scan needs several")
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def read_sitk(path: str | Path) -> sitk.Image:
+    """One image file or DICOM folder as a 3D scalar SimpleITK image, or an `InputError`."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    else:
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: file is empty")
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError:
+            raise InputError(f"{path}: not a readable image (truncated, corrupt or not NIfTI/NRRD/MHA/DICOM)") from None
+    if image.GetDimension() != 3:
+        kind = "2D" if image.GetDimension() == 2 else f"{image.GetDimension()}D"
+        raise InputError(f"{path}: expected a 3D image, got a {kind} image of size {image.GetSize()}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()} "
+                         "(a 4D or vector image; give each channel as its own file)")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{path}: expected a 3D image, got size {image.GetSize()} (a 2D slice)")
+    return image
+
+
+def to_array(image: sitk.Image, dtype: type | None = None) -> np.ndarray:
+    """Voxel array indexed (X, Y, Z) like the file; SimpleITK's own arrays are (Z, Y, X)."""
+    array = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
+    return np.array(array, dtype=dtype or array.dtype, copy=True)
+
+
+def read_image(paths: str | Path | Sequence[str | Path]) -> tuple[np.ndarray, Grid]:
+    """A scan as float32 (C, X, Y, Z) plus its grid; several files (e.g. T2 + ADC) become channels.
+
+    Raises `InputError` for unreadable files, non-3D images, channels on different grids and
+    NaN/inf voxels.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise InputError("no image given")
+    channels, grid = [], None
+    for path in paths:
+        image = read_sitk(path)
+        this = Grid.of(image)
+        if grid is not None and not grid.matches(this):
+            raise InputError(f"{path}: channel grid ({this.describe()}) differs from {paths[0]} ({grid.describe()})")
+        array = to_array(image, np.float32)
+        if not np.isfinite(array).all():
+            raise InputError(f"{path}: image has {int((~np.isfinite(array)).sum())} NaN/inf voxels")
+        channels.append(array)
+        grid = grid or this
+    return np.stack(channels), grid
+
+
+def read_label(path: str | Path) -> tuple[np.ndarray, Grid]:
+    """A label map as uint8 (X, Y, Z) plus its grid; non-integer or out-of-range values are errors."""
+    image = read_sitk(path)
+    array = to_array(image)
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise InputError(f"{path}: label map has NaN/inf voxels")
+        if not np.array_equal(array, np.round(array)):
+            raise InputError(f"{path}: label map has non-integer values")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise InputError(f"{path}: label values must be within 0..255, got {array.min()}..{array.max()}")
+    return array.astype(np.uint8), Grid.of(image)
+
+
+# ----------------------------------------------------------------------------------------- write
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"cannot create output folder {folder}: {error.strerror or error}") from None
+    suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
+    except OSError as error:
+        raise InputError(f"cannot write to {folder}: {error.strerror or error}") from None
+    os.close(handle)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_sitk(image: sitk.Image, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as error:
+            raise InputError(f"cannot write {path}: {str(error).strip().splitlines()[-1]}") from None
+    return Path(path)
+
+
+def from_array(array: np.ndarray, grid: Grid) -> sitk.Image:
+    """SimpleITK image of an (X, Y, Z) array placed on `grid`."""
+    if tuple(array.shape) != grid.shape:
+        raise ValueError(f"array of shape {array.shape} does not fit a grid of shape {grid.shape}")
+    return grid.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0))))
+
+
+def write_label_map(labels: np.ndarray, grid: Grid, path: str | Path) -> Path:
+    """Write a uint8 (X, Y, Z) label map on exactly `grid` (NIfTI gets qform and sform, codes 1)."""
+    if labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+        raise ValueError("label values must be within 0..255")
+    return write_sitk(from_array(labels.astype(np.uint8, copy=False), grid), path)
+
+
+def write_image(array: np.ndarray, grid: Grid, path: str | Path) -> Path:
+    """Write a scalar (X, Y, Z) image (e.g. a probability map) on exactly `grid`."""
+    return write_sitk(from_array(array, grid), path)
