@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny seeded volumes written as real files to tmp_path. Nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from medseg.io import Grid, write_image, write_label_map
+
+# Direction matrices (ITK convention: columns are the world directions of the voxel axes).
+DIRECTIONS = {
+    "LPS": np.eye(3),
+    "RAS": np.diag([-1.0, -1.0, 1.0]),
+    "PLI": np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]),
+    "oblique": Rotation.from_euler("xyz", [12, -7, 25], degrees=True).as_matrix(),
+}
+
+
+def make_grid(orientation: str = "LPS", shape=(40, 36, 24), spacing=(1.2, 1.1, 2.5), origin=(-20.0, 15.5, 7.25)) -> Grid:
+    return Grid(tuple(shape), tuple(float(s) for s in spacing), tuple(float(o) for o in origin),
+                tuple(DIRECTIONS[orientation].ravel().tolist()))
+
+
+def blob_case(grid: Grid, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like (X, Y, Z) int16 image with five ellipsoid organs labelled 1..5, placed in world space.
+
+    Organs 4 and 5 sit on the patient's left (+x in LPS) and right (-x), whatever the voxel order.
+    """
+    rng = np.random.default_rng(seed)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), -1).reshape(-1, 3)
+    world = index @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    centre = world.mean(0)
+    extent = np.ptp(world, 0)
+    image = np.full(len(world), -50.0) + rng.normal(0, 10, len(world))
+    labels = np.zeros(len(world), np.uint8)
+    organs = [  # (offset as a fraction of the extent, radius fraction, HU)
+        ((0.0, 0.0, -0.15), 0.12, 40.0),
+        ((0.0, -0.05, 0.2), 0.16, 10.0),
+        ((0.0, 0.22, -0.1), 0.09, -20.0),
+        ((0.3, 0.0, 0.0), 0.11, 700.0),
+        ((-0.3, 0.0, 0.0), 0.11, 700.0),
+    ]
+    for label, (offset, radius, hu) in enumerate(organs, start=1):
+        c = centre + np.asarray(offset) * extent
+        inside = (((world - c) / (radius * extent.min() * np.array([1, 1, 1.5]))) ** 2).sum(1) <= 1
+        image[inside] = hu + rng.normal(0, 10, inside.sum())
+        labels[inside] = label
+    return image.reshape(grid.shape).astype(np.int16), labels.reshape(grid.shape)
+
+
+@pytest.fixture
+def write_case(tmp_path: Path):
+    """Write a blob case on a grid of the given orientation; returns (image_path, label_path, grid)."""
+
+    def _write(name: str = "case_000", orientation: str = "LPS", suffix: str = ".nii.gz", seed: int = 0, **grid_kw):
+        grid = make_grid(orientation, **grid_kw)
+        image, labels = blob_case(grid, seed)
+        image_path = write_image(image, grid, tmp_path / f"{name}{suffix}")
+        label_path = write_label_map(labels, grid, tmp_path / f"{name}_label{suffix}")
+        return image_path, label_path, grid
+
+    return _write
