@@ -1,0 +1,100 @@
+"""Training augmentation from the task file, built from TorchIO transforms.
+
+Subjects arrive in canonical RAS orientation (see `medseg.preprocess`), so the patient's left-right axis
+is voxel axis 0. A left-right flip mirrors the anatomy: what was the left femoral head now lies on the
+right, so paired labels are swapped with the flip, keeping "left" on the patient's left in world space.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchio as tio
+
+from medseg.config import Task
+
+
+class SwapLabels(tio.transforms.Transform):
+    """Relabel a label map with `mapping` (e.g. left <-> right); images are untouched."""
+
+    def __init__(self, mapping: dict[int, int], **kwargs):
+        super().__init__(**kwargs)
+        self.mapping = dict(mapping)
+        self.args_names = ["mapping"]
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for image in subject.get_images(intensity_only=False):
+            if isinstance(image, tio.LabelMap) and self.mapping:
+                data = image.data
+                swapped = data.clone()
+                for source, target in self.mapping.items():
+                    swapped[data == source] = target
+                image.set_data(swapped)
+        return subject
+
+
+class RandomContrast(tio.transforms.augmentation.RandomTransform, tio.transforms.IntensityTransform):
+    """Scale deviations from the image mean by a random factor (nnU-Net's contrast augmentation)."""
+
+    def __init__(self, factor_range: tuple[float, float] = (0.75, 1.25), **kwargs):
+        super().__init__(**kwargs)
+        self.factor_range = factor_range
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for image in self.get_images(subject):
+            factor = self.sample_uniform(*self.factor_range)
+            data = image.data.float()
+            mean = data.mean()
+            image.set_data((data - mean) * factor + mean)
+        return subject
+
+
+def flip_left_right(swap: dict[int, int]) -> tio.Transform:
+    """Deterministic left-right flip of a RAS subject that keeps paired organs on their own side."""
+    return tio.Compose([tio.Flip(axes=(0,)), SwapLabels(swap)])
+
+
+def build_augmentation(task: Task) -> tio.Transform | None:
+    """The task's augmentation list as one TorchIO transform (spatial first, then intensity)."""
+    aug = task.augmentation
+    steps: list[tio.Transform] = []
+    if aug.affine:
+        steps.append(tio.RandomAffine(scales=aug.affine.scales, degrees=aug.affine.degrees, p=aug.affine.p,
+                                      default_pad_value="minimum"))
+    if aug.elastic:
+        steps.append(tio.RandomElasticDeformation(num_control_points=aug.elastic.num_control_points,
+                                                  max_displacement=aug.elastic.max_displacement, p=aug.elastic.p))
+    if aug.flip:
+        if "LR" in aug.flip.axes:
+            # The flip and the label swap must happen together, so they share one probability.
+            steps.append(tio.Compose([tio.Flip(axes=(0,)), SwapLabels(task.swap_pairs())], p=aug.flip.p))
+        other = tuple({"AP": 1, "SI": 2}[a] for a in aug.flip.axes if a != "LR")
+        if other:
+            steps.append(tio.RandomFlip(axes=other, flip_probability=aug.flip.p))
+    if aug.noise:
+        steps.append(tio.RandomNoise(std=(0, aug.noise.std), p=aug.noise.p))
+    if aug.blur:
+        steps.append(tio.RandomBlur(std=aug.blur.std, p=aug.blur.p))
+    if aug.gamma:
+        # Gamma needs non-negative intensities; TorchIO rescales internally only for positive data,
+        # so it is applied to the normalised image shifted to its minimum and shifted back.
+        steps.append(_ShiftedGamma(aug.gamma.log_gamma, p=aug.gamma.p))
+    if aug.contrast:
+        steps.append(RandomContrast(aug.contrast.range, p=aug.contrast.p))
+    return tio.Compose(steps) if steps else None
+
+
+class _ShiftedGamma(tio.transforms.augmentation.RandomTransform, tio.transforms.IntensityTransform):
+    """Random gamma on normalised intensities (which are negative in places): shift, gamma, shift back."""
+
+    def __init__(self, log_gamma: float, **kwargs):
+        super().__init__(**kwargs)
+        self.log_gamma = log_gamma
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        for image in self.get_images(subject):
+            gamma = float(torch.exp(torch.empty(1).uniform_(-self.log_gamma, self.log_gamma)))
+            data = image.data.float()
+            low, high = data.min(), data.max()
+            span = (high - low).clamp_min(1e-6)
+            image.set_data(((data - low) / span) ** gamma * span + low)
+        return subject

@@ -1,0 +1,100 @@
+"""One factory for MONAI 3D networks, sized from the task file.
+
+DynUNet is configured the way nnU-Net plans its U-Nets: an axis is downsampled only while its spacing is
+within 2x of the finest axis and it still has at least 8 voxels, and convolutions along a much coarser
+axis use a kernel of 1, so anisotropic CT (thick slices) gets in-plane context first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from medseg.config import Network
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """A network fully determined: rebuilt from this alone (it is stored in the model folder)."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    filters: tuple[int, ...]
+    kernels: tuple[tuple[int, int, int], ...]  # per level
+    strides: tuple[tuple[int, int, int], ...]  # per level; the first is (1, 1, 1)
+    deep_supervision: bool
+    dropout: float
+    patch_size: tuple[int, int, int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NetworkPlan:
+        return cls(data["name"], data["in_channels"], data["out_channels"], tuple(data["filters"]),
+                   tuple(tuple(k) for k in data["kernels"]), tuple(tuple(s) for s in data["strides"]),
+                   data["deep_supervision"], data["dropout"], tuple(data["patch_size"]))
+
+    @property
+    def divisor(self) -> tuple[int, int, int]:
+        """Patch sides must be multiples of this (the product of the strides per axis)."""
+        out = [1, 1, 1]
+        for stride in self.strides:
+            out = [o * s for o, s in zip(out, stride)]
+        return tuple(out)
+
+
+def plan_network(config: Network, in_channels: int, out_channels: int, patch_size: tuple[int, int, int],
+                 spacing: tuple[float, float, float]) -> NetworkPlan:
+    """Kernels and strides per level from patch size and spacing (nnU-Net's rule, simplified)."""
+    kernels, strides = [], []
+    size, current = list(patch_size), list(spacing)
+    for level in range(len(config.filters)):
+        finest = min(current)
+        if level == 0:
+            stride = (1, 1, 1)
+        else:
+            stride = tuple(2 if (s <= 2 * finest and n >= 8 and n % 2 == 0) else 1 for s, n in zip(current, size))
+            size = [n // st for n, st in zip(size, stride)]
+            current = [s * st for s, st in zip(current, stride)]
+            finest = min(current)
+        kernels.append(tuple(3 if s <= 2 * finest else 1 for s in current))
+        strides.append(stride)
+    return NetworkPlan(config.name, in_channels, out_channels, tuple(config.filters), tuple(kernels), tuple(strides),
+                       config.deep_supervision and config.name == "dynunet", config.dropout, tuple(patch_size))
+
+
+def build_network(plan: NetworkPlan) -> nn.Module:
+    """The MONAI network a plan describes, with freshly initialised weights."""
+    from monai.networks import nets
+
+    if plan.name == "dynunet":
+        return nets.DynUNet(
+            spatial_dims=3, in_channels=plan.in_channels, out_channels=plan.out_channels,
+            kernel_size=[list(k) for k in plan.kernels], strides=[list(s) for s in plan.strides],
+            upsample_kernel_size=[list(s) for s in plan.strides[1:]], filters=list(plan.filters),
+            norm_name=("INSTANCE", {"affine": True}), act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+            deep_supervision=plan.deep_supervision, deep_supr_num=max(1, min(2, len(plan.filters) - 2)),
+            res_block=False, dropout=plan.dropout or None,
+        )
+    if plan.name == "unet":
+        return nets.UNet(spatial_dims=3, in_channels=plan.in_channels, out_channels=plan.out_channels,
+                         channels=plan.filters, strides=tuple(plan.strides[1:]), num_res_units=2, norm="INSTANCE",
+                         dropout=plan.dropout)
+    if plan.name == "segresnet":
+        return nets.SegResNet(spatial_dims=3, in_channels=plan.in_channels, out_channels=plan.out_channels,
+                              init_filters=plan.filters[0], dropout_prob=plan.dropout or None)
+    if plan.name == "swinunetr":
+        return nets.SwinUNETR(in_channels=plan.in_channels, out_channels=plan.out_channels,
+                              feature_size=max(12, plan.filters[0] // 12 * 12), spatial_dims=3)
+    raise ValueError(f"unknown network '{plan.name}' (expected dynunet, unet, segresnet or swinunetr)")
+
+
+def main_output(output: torch.Tensor | list | tuple) -> torch.Tensor:
+    """The full-resolution logits of a network's training-mode output (deep supervision stacks heads)."""
+    if isinstance(output, (list, tuple)):
+        return output[0]
+    return output

@@ -1,0 +1,147 @@
+"""`medseg predict`: many scans through one model, each written completely or not at all.
+
+For each scan: `<case>_seg.nii.gz` on the scan's exact grid, `<case>_volumes.json`, overlay PNGs, a 3D
+Slicer `.seg.nrrd` and ITK-SNAP labels; optionally probability maps and, with a reference, metrics.
+A bad scan is reported and skipped; the others still run; the exit code says whether any failed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medseg.errors import InputError
+from medseg.infer import Predictor, Segmentation
+from medseg.io import case_name, is_image_path, read_image, read_label, write_image, write_label_map, write_text
+
+__all__ = ["Predictor", "PredictOptions", "predict_many", "find_model", "expand_inputs"]
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    model: Path | None = None  # run folder; None: newest under runs/<task>/
+    task: str = "prostate"
+    device: str = "auto"
+    fast: bool = False
+    tta: bool = False
+    probabilities: bool = False
+    overlays: bool = True
+    runs: Path = Path("runs")
+
+
+def find_model(task: str, runs: Path = Path("runs")) -> Path:
+    """The newest run folder for `task` that holds a checkpoint."""
+    name = Path(task).stem
+    candidates = sorted((p.parent for p in Path(runs, name).glob("*/best.pt")), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise InputError(f"no trained model for task '{name}' under {Path(runs, name)}/; train one with "
+                         f"`medseg train --task {name}` or pass --model RUN_FOLDER")
+    return candidates[-1]
+
+
+def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
+    """Files stay; a folder of image files becomes its images; any other folder is a DICOM series."""
+    scans = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.is_file() and is_image_path(p))
+            scans.extend(images or [path])
+        else:
+            scans.append(path)  # missing files are reported per case, with the others still running
+    return scans
+
+
+def match_references(references: Sequence[Path]) -> dict[str, Path]:
+    """Reference label maps by case name (folders are expanded)."""
+    found = {}
+    for path in expand_inputs(references):
+        found[case_name(path)] = path
+    return found
+
+
+def write_outputs(seg: Segmentation, image, case: str, out: Path, task, options: PredictOptions,
+                  reference: Path | None) -> dict:
+    """Everything for one case; returns the case's row for the summary and review page."""
+    seconds = dict(seg.seconds)
+    start = time.perf_counter()
+    write_label_map(seg.labels, seg.grid, out / f"{case}_seg.nii.gz")
+    if seg.probabilities is not None:
+        for label_id, organ in seg.organs.items():
+            write_image(seg.probabilities[label_id], seg.grid, out / f"{case}_prob_{organ}.nii.gz")
+    from medseg.viewers import write_viewer_files
+
+    write_viewer_files(seg.labels, seg.grid, task.labels, out, case)
+    seconds["write"] = time.perf_counter() - start
+    row = {"case": case, "volumes_ml": {k: v["volume_ml"] for k, v in seg.volumes().items()}, "overlays": []}
+    if reference is not None:
+        from medseg.evaluate import evaluate_case, write_report
+
+        ref_labels, ref_grid = read_label(reference)
+        if not ref_grid.matches(seg.grid):
+            raise InputError(f"reference {reference} is not on the grid of the scan ({seg.grid.describe()})")
+        rows = evaluate_case(ref_labels, seg.labels, seg.grid.spacing, seg.organs, case=case)
+        write_report(rows, out / f"{case}_metrics", quiet=True)
+        row["dice"] = {r["organ"]: r["value"] for r in rows if r["metric"] == "dice"}
+    if options.overlays:
+        from medseg.overlay import write_overlays
+
+        start = time.perf_counter()
+        ref = (read_label(reference)) if reference is not None else None
+        paths = write_overlays(image, (seg.labels, seg.grid), task, out, reference=ref, case=case)
+        row["overlays"] = [p.name for p in paths]
+        seconds["overlays"] = time.perf_counter() - start
+    row["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    volumes = {"case": case, "organs": seg.volumes(), "seconds": row["seconds"]}
+    write_text(json.dumps(volumes, indent=2), out / f"{case}_volumes.json")
+    return row
+
+
+def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
+                 references: Sequence[Path] = ()) -> list[tuple[Path, str]]:
+    """Segment every input; returns the (input, message) of each that failed."""
+    import logging
+
+    from tqdm import tqdm
+
+    log = logging.getLogger("medseg.predict")
+    model = Path(options.model) if options.model else find_model(options.task, options.runs)
+    predictor = Predictor(model, device=options.device, fast=options.fast, tta=options.tta or None)
+    task = predictor.task
+    scans = expand_inputs(inputs)
+    refs = match_references(references)
+    out = Path(out)
+    rows, failures = [], []
+    import sys
+
+    for scan in tqdm(scans, desc="predict", unit="scan", disable=not sys.stderr.isatty() or len(scans) < 2):
+        case = case_name(scan)
+        try:
+            start = time.perf_counter()
+            image = read_image(scan)
+            read_seconds = time.perf_counter() - start
+            seg = predictor.predict(image, keep_probabilities=options.probabilities)
+            seg.seconds["read"] = read_seconds
+            row = write_outputs(seg, image, case, out, task, options, refs.get(case))
+        except InputError as error:
+            message = str(error).splitlines()[0]
+            failures.append((scan, message))
+            print(f"error: {message}", file=sys.stderr)
+            continue
+        rows.append(row)
+        timing = ", ".join(f"{k} {v:.2f} s" for k, v in row["seconds"].items())
+        volumes = ", ".join(f"{k} {v:.1f} mL" for k, v in row["volumes_ml"].items())
+        print(f"{case}: {volumes} ({timing})", file=sys.stderr)
+        log.info("%s: %s", case, timing)
+    if rows:
+        from medseg.review import write_review_page
+
+        write_text(json.dumps({"model": str(model), "cases": rows,
+                               "failed": [{"input": str(p), "error": m} for p, m in failures]}, indent=2),
+                   out / "summary.json")
+        write_review_page(out, rows)
+    print(f"{len(rows)} of {len(scans)} scans segmented into {out}" + (f"; {len(failures)} failed" if failures else ""),
+          file=sys.stderr)
+    return failures

@@ -1,0 +1,381 @@
+"""Training: TorchIO patch queues feeding a MONAI network, as a few plain functions.
+
+`fit` prepares a run folder that describes itself (config.json: task, spacing, normalisation, network),
+preprocesses every case once (cached in the run folder), then alternates `train_one_epoch` and
+`validate` (full-volume sliding windows, the code `medseg predict` uses) and keeps `best.pt` and
+`last.pt`. The learning-rate schedule runs on progress = max(steps done / steps planned, time used /
+time budget), so a `--max-minutes` budget still ends with a fully decayed learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchio as tio
+
+from medseg import __version__
+from medseg.augment import build_augmentation
+from medseg.config import Task, load_task, parse_task, sample_data_dir, task_to_dict
+from medseg.datasets import Case, compute_fingerprint, load_dataset
+from medseg.errors import InputError
+from medseg.infer import CONFIG_NAME, autocast, resolve_device, sliding_window_logits
+from medseg.io import Grid, read_image, read_label, write_text
+from medseg.networks import NetworkPlan, build_network, plan_network
+from medseg.preprocess import Preprocessing, pad_to, preprocess, resolve_preprocessing
+from medseg.runfolder import (MetricsTable, TensorBoard, load_checkpoint, make_logger, rng_state, save_checkpoint,
+                              set_rng_state)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Runtime choices of one training run (everything else comes from the task file)."""
+
+    task: str | Path = "prostate"  # task name or file
+    data: Path | None = None  # dataset folder; None: the task's bundled sample data
+    out: Path | None = None  # run folder; None: runs/<task>/<timestamp>
+    epochs: int | None = None  # override the task's schedule
+    max_minutes: float | None = None  # override the task's time budget
+    device: str = "auto"
+    seed: int = 0
+    folds: int = 5
+    fold: int = 0
+    resume: bool = False
+    compile: bool = False
+
+
+# -------------------------------------------------------------------------------------- the data
+
+
+def make_split(names: list[str], folds: int, fold: int, seed: int) -> dict[str, list[str]]:
+    """K-fold split of case names, shuffled with `seed`; fold `fold` is held out for validation."""
+    if fold >= folds:
+        raise InputError(f"--fold {fold} is out of range for --folds {folds} (folds are numbered 0..{folds - 1})")
+    if len(names) < 2:
+        return {"train": list(names), "validation": list(names)}
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    folds = min(folds, len(order))
+    held_out = sorted(order[fold % folds::folds])
+    return {"train": sorted(n for n in order if n not in held_out), "validation": held_out}
+
+
+def load_subject(case: Case, prep: Preprocessing, task: Task, cache: Path) -> tio.Subject:
+    """Read, check and preprocess one case, or take it from the run's cache."""
+    path = cache / f"{case.name}.pt"
+    if path.is_file():
+        saved = load_checkpoint(path)
+        affine = saved["affine"].numpy()
+        return tio.Subject(image=tio.ScalarImage(tensor=saved["image"], affine=affine),
+                           label=tio.LabelMap(tensor=saved["label"], affine=affine), name=case.name)
+    image, grid = read_image(case.images)
+    labels, label_grid = read_label(case.label)
+    if not grid.matches(label_grid):
+        raise InputError(f"{case.label}: label grid ({label_grid.describe()}) does not match image {case.images[0]} "
+                         f"({grid.describe()})")
+    unknown = sorted(set(np.unique(labels).tolist()) - {0, *task.label_names} - {task.ignore_label})
+    if unknown:
+        raise InputError(f"{case.label}: label values {unknown} are not labels of task '{task.name}'")
+    subject = pad_to(preprocess(prep, image, grid, labels), task.patch_size)
+    save_checkpoint(path, {"image": subject["image"].data.contiguous(), "label": subject["label"].data.contiguous(),
+                           "affine": torch.from_numpy(subject["image"].affine)})
+    subject["name"] = case.name
+    return subject
+
+
+def patch_batches(subjects: list[tio.Subject], task: Task, device: torch.device) -> Iterator[dict]:
+    """Endless batches of augmented patches: TorchIO Queue + LabelSampler (organ-weighted)."""
+    sampling = task.sampling
+    weights = sampling.label_weights or {label.name: 1.0 for label in task.labels}
+    total = sum(weights.values())
+    probabilities = {0: 1.0 - sampling.foreground_probability}
+    for name, weight in weights.items():
+        probabilities[task.label_id(name)] = sampling.foreground_probability * weight / total
+    queue = tio.Queue(
+        tio.SubjectsDataset(subjects, transform=build_augmentation(task)),
+        max_length=max(sampling.queue_length, task.schedule.batch_size),
+        samples_per_volume=sampling.samples_per_volume,
+        sampler=tio.LabelSampler(task.patch_size, "label", probabilities),
+        num_workers=sampling.num_workers,
+        shuffle_subjects=True,
+        shuffle_patches=True,
+    )
+    loader = torch.utils.data.DataLoader(queue, batch_size=task.schedule.batch_size, num_workers=0,
+                                         pin_memory=device.type == "cuda")
+    while True:
+        yield from loader
+
+
+# ------------------------------------------------------------------------------- the optimiser
+
+
+def make_optimizer(task: Task, network: torch.nn.Module) -> torch.optim.Optimizer:
+    settings = task.optimizer
+    if settings.name == "sgd":
+        return torch.optim.SGD(network.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True,
+                               weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def learning_rate(task: Task, progress: float) -> float:
+    """Poly (nnU-Net) or cosine decay from the task's lr to 0 as progress goes 0 -> 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    if task.schedule.lr_schedule == "poly":
+        return task.optimizer.lr * (1.0 - progress) ** task.schedule.poly_exponent
+    return task.optimizer.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_loss(task: Task, plan: NetworkPlan):
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                      lambda_dice=task.loss.dice_weight, lambda_ce=task.loss.ce_weight)
+    return DeepSupervisionLoss(loss, weight_mode="exp") if plan.deep_supervision else loss
+
+
+# ----------------------------------------------------------------------------------- the loops
+
+
+@dataclass
+class Progress:
+    """Where a run stands; stored in last.pt so a resumed run continues the same schedule."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimisation steps completed
+    seconds: float = 0.0  # training seconds used (excluding set-up)
+    best_dice: float = -1.0
+
+    def fraction(self, total_steps: int, budget_seconds: float | None) -> float:
+        by_time = self.seconds / budget_seconds if budget_seconds else 0.0
+        return max(self.step / total_steps, by_time)
+
+
+def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: Progress, total_steps: int,
+                    budget: float | None, device: torch.device, show_bar: bool) -> float:
+    """Run up to `steps_per_epoch` steps (fewer if the budget runs out); returns the mean loss."""
+    from tqdm import tqdm
+
+    network.train()
+    losses = []
+    bar = tqdm(total=task.schedule.steps_per_epoch, desc=f"epoch {progress.epoch + 1}", unit="step", leave=False,
+               disable=not show_bar, dynamic_ncols=True)
+    for _ in range(task.schedule.steps_per_epoch):
+        if progress.fraction(total_steps, budget) >= 1.0:
+            break
+        start = time.perf_counter()
+        batch = next(batches)
+        image = batch["image"][tio.DATA].to(device, non_blocking=True)
+        target = batch["label"][tio.DATA].to(device, non_blocking=True)
+        lr = learning_rate(task, progress.fraction(total_steps, budget))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            output = network(image)
+            heads = list(torch.unbind(output, 1)) if output.dim() == 6 else output
+            loss = loss_fn(heads, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), task.schedule.grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        progress.step += 1
+        progress.seconds += time.perf_counter() - start
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2g}",
+                        patches_per_s=f"{image.shape[0] / (time.perf_counter() - start):.1f}")
+        bar.update()
+    bar.close()
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def dice_per_organ(reference: np.ndarray, predicted: np.ndarray, organs: dict[int, str]) -> dict[str, float]:
+    """Dice per organ; NaN where the organ is absent from both (left out of means)."""
+    from medseg.metrics import confusion, dice
+
+    scores = {}
+    for label_id, name in organs.items():
+        scores[name] = dice(*confusion(reference == label_id, predicted == label_id)[:3])
+    return scores
+
+
+def validate(network, subjects: list[tio.Subject], task: Task, plan: NetworkPlan, device: torch.device) -> dict[str, float]:
+    """Full-volume sliding-window inference on held-out cases (model space), mean Dice per organ."""
+    network.eval()
+    per_case = []
+    for subject in subjects:
+        logits = sliding_window_logits(network, subject["image"].data, plan.patch_size, task.inference.overlap,
+                                       task.inference.sw_batch_size, task.inference.blending, device)
+        predicted = logits.argmax(0).numpy().astype(np.uint8)
+        per_case.append(dice_per_organ(subject["label"].data[0].numpy(), predicted, task.label_names))
+    return {name: float(np.nanmean([c[name] for c in per_case])) if any(not math.isnan(c[name]) for c in per_case)
+            else float("nan") for name in task.label_names.values()}
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+def _resolve_run(options: TrainOptions) -> tuple[Path, dict | None]:
+    """The run folder, and its saved config when resuming."""
+    if options.resume:
+        folder = options.out
+        if folder is None:
+            task_name = Path(str(options.task)).stem
+            runs = sorted(Path("runs", task_name).glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+            if not runs:
+                raise InputError(f"--resume found no run under runs/{task_name}/; pass --out RUN_FOLDER")
+            folder = runs[-1].parent
+        config_path = Path(folder) / CONFIG_NAME
+        if not config_path.is_file():
+            raise InputError(f"--resume: {folder} has no {CONFIG_NAME} (not a medseg run folder)")
+        return Path(folder), json.loads(config_path.read_text())
+    task_name = Path(str(options.task)).stem if str(options.task).endswith((".yaml", ".yml", ".json")) else str(options.task)
+    folder = options.out or Path("runs", task_name, datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if (Path(folder) / "last.pt").exists():
+        raise InputError(f"{folder} already holds a run; use --resume to continue it or choose another --out")
+    return Path(folder), None
+
+
+def _prepare(options: TrainOptions, folder: Path, saved: dict | None):
+    """Task, cases, split and preprocessing: from the saved config on resume, else worked out now."""
+    if saved:
+        task = parse_task(saved["task"], str(folder / CONFIG_NAME))
+        data = Path(saved["data"])
+        split = saved["split"]
+        prep = Preprocessing.from_dict(saved["preprocessing"])
+        plan = NetworkPlan.from_dict(saved["network"])
+        cases = {c.name: c for c in load_dataset(data)}
+        return task, data, split, prep, plan, cases, saved
+    task = load_task(options.task)
+    data = Path(options.data) if options.data else None
+    if data is None:
+        if not task.sample_data:
+            raise InputError(f"task '{task.name}' has no bundled sample data; pass --data DATASET_FOLDER")
+        data = sample_data_dir(task.sample_data)
+    cases = {c.name: c for c in load_dataset(data)}
+    labelled = [name for name, case in cases.items() if case.label is not None]
+    if not labelled:
+        raise InputError(f"{data}: no labelled training cases")
+    split = make_split(labelled, options.folds, options.fold, options.seed)
+    fingerprint = compute_fingerprint([cases[n] for n in split["train"]], task)
+    prep = resolve_preprocessing(task, fingerprint)
+    plan = plan_network(task.network, len(task.channels), task.num_classes, task.patch_size, prep.spacing)
+    bad = [p for p, d in zip(task.patch_size, plan.divisor) if p % d]
+    if bad:
+        raise InputError(f"patch_size {task.patch_size} must be a multiple of {plan.divisor} for this network")
+    schedule = task.schedule
+    config = {
+        "medseg_version": __version__,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "task": task_to_dict(task),
+        "data": str(Path(data).resolve()),
+        "split": split,
+        "folds": {"folds": options.folds, "fold": options.fold, "seed": options.seed},
+        "preprocessing": prep.to_dict(),
+        "network": plan.to_dict(),
+        "fingerprint": fingerprint,
+        "epochs": options.epochs or schedule.epochs,
+        "max_minutes": options.max_minutes if options.max_minutes is not None else schedule.max_minutes,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(json.dumps(config, indent=2), folder / CONFIG_NAME)
+    write_text(json.dumps(split, indent=2), folder / "split.json")
+    return task, data, split, prep, plan, cases, config
+
+
+def fit(options: TrainOptions) -> Path:
+    """Train (or resume) one run; returns the run folder."""
+    import sys
+
+    folder, saved = _resolve_run(options)
+    folder.mkdir(parents=True, exist_ok=True)
+    task, data, split, prep, plan, cases, config = _prepare(options, folder, saved)
+    if saved and (options.epochs or options.max_minutes is not None):
+        config.update({k: v for k, v in (("epochs", options.epochs), ("max_minutes", options.max_minutes)) if v})
+        write_text(json.dumps(config, indent=2), folder / CONFIG_NAME)
+    log = make_logger(folder)
+    device = resolve_device(options.device)
+    torch.manual_seed(options.seed)
+    np.random.seed(options.seed)
+    random.seed(options.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    start = time.perf_counter()
+    cache = folder / "cache"
+    cache.mkdir(exist_ok=True)
+    missing = [n for n in split["train"] + split["validation"] if n not in cases]
+    if missing:
+        raise InputError(f"{data}: cases {missing[:3]} of the run's split are missing from the dataset")
+    train_subjects = [load_subject(cases[n], prep, task, cache) for n in split["train"]]
+    val_subjects = [load_subject(cases[n], prep, task, cache) for n in split["validation"]]
+    log.info(f"{task.name}: {len(train_subjects)} training / {len(val_subjects)} validation cases from {data}; "
+             f"spacing {prep.spacing} mm, patch {task.patch_size}, {plan.name} {plan.filters}; "
+             f"preprocessed in {time.perf_counter() - start:.1f} s on {device}")
+
+    network = build_network(plan).to(device)
+    optimizer = make_optimizer(task, network)
+    progress = Progress()
+    if saved and (folder / "last.pt").is_file():
+        state = load_checkpoint(folder / "last.pt")
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = Progress(**state["progress"])
+        set_rng_state(state["rng"])
+        log.info(f"resumed from epoch {progress.epoch}, step {progress.step}")
+    model = torch.compile(network) if options.compile else network
+    loss_fn = make_loss(task, plan)
+    epochs = config["epochs"]
+    total_steps = epochs * task.schedule.steps_per_epoch
+    budget = config["max_minutes"] * 60 if config.get("max_minutes") else None
+    table = MetricsTable(folder / "metrics.csv", list(task.label_names.values()))
+    board = TensorBoard(folder)
+    batches = patch_batches(train_subjects, task, device)
+    show_bar = sys.stderr.isatty()
+
+    def checkpoint(name: str) -> None:
+        save_checkpoint(folder / name, {"model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "progress": vars(progress).copy(), "rng": rng_state()})
+
+    try:
+        while progress.epoch < epochs and progress.fraction(total_steps, budget) < 1.0:
+            epoch_start = time.perf_counter()
+            loss = train_one_epoch(model, batches, loss_fn, optimizer, task, progress, total_steps, budget, device,
+                                   show_bar)
+            progress.epoch += 1
+            done = progress.epoch >= epochs or progress.fraction(total_steps, budget) >= 1.0
+            scores = {}
+            if progress.epoch % task.schedule.validate_every == 0 or done:
+                scores = validate(network, val_subjects, task, plan, device)
+            mean = float(np.nanmean(list(scores.values()))) if scores else None
+            if mean is not None and mean > progress.best_dice:
+                progress.best_dice = mean
+                save_checkpoint(folder / "best.pt", {"model": network.state_dict(), "epoch": progress.epoch,
+                                                     "mean_dice": mean})
+            checkpoint("last.pt")
+            row = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss, "mean_dice": mean,
+                   "lr": learning_rate(task, progress.fraction(total_steps, budget)),
+                   "seconds": time.perf_counter() - epoch_start, **{f"dice_{k}": v for k, v in scores.items()}}
+            table.append(row)
+            table.plot(folder / "training_curve.png")
+            board.scalars({"loss/train": loss, "dice/mean": mean, "lr": row["lr"],
+                           **{f"dice/{k}": v for k, v in scores.items()}}, progress.step)
+            dice_text = f", val Dice {mean:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + ")" if scores else ""
+            log.info(f"epoch {progress.epoch}/{epochs} step {progress.step}: loss {loss:.4f}{dice_text}, "
+                     f"lr {row['lr']:.2g}, {row['seconds']:.1f} s")
+    except KeyboardInterrupt:
+        checkpoint("last.pt")
+        log.info(f"interrupted: saved {folder / 'last.pt'}; continue with `medseg train --resume --out {folder}`")
+        raise
+    finally:
+        board.close()
+    if not (folder / "best.pt").is_file():  # no validation ran (e.g. a zero budget): the last weights serve
+        save_checkpoint(folder / "best.pt", {"model": network.state_dict(), "epoch": progress.epoch, "mean_dice": -1.0})
+    log.info(f"done: best validation mean Dice {progress.best_dice:.3f}; model folder {folder}")
+    return folder
