@@ -49,9 +49,17 @@ def sample_data(
 def check_dataset(
     path: Path = typer.Argument(..., help="Dataset folder: MSD, nnU-Net v2 raw, or images/ + labels/."),
     task: str = typer.Option("prostate", "--task", "-t", help="Task name or task file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write fingerprint.json."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Fingerprint JSON file, or a folder for it; "
+                                       "default ./<dataset>_fingerprint.json (never inside the dataset)."),
 ) -> None:
-    """Check every file of a dataset before training and write its fingerprint."""
+    """Check every file of a dataset before training and write its fingerprint.
+
+    Lists every problem (unreadable files, channels, grids, label values);
+    exits 1 if there is any. Only a dataset without problems gets its
+    fingerprint (median spacing in RAS order, intensities, organ volumes)
+    written: by default to ./<dataset folder name>_fingerprint.json,
+    never inside the dataset.
+    """
     from medseg.config import load_task
     from medseg.datasets import check_dataset as run_check
 
@@ -116,9 +124,11 @@ def evaluate(
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder for metrics.csv, summary.json, plots."),
 ) -> None:
     """Per-organ Dice, IoU, surface distances and volumes of predictions against references."""
-    from medseg.evaluate import run_evaluation
+    from medseg.evaluate import format_table, run_evaluation
 
-    run_evaluation(pred, ref, out, task=task, labels=labels)
+    summary = run_evaluation(pred, ref, out, task=task, labels=labels, warn=_echo)
+    typer.echo(format_table(summary))
+    typer.echo(f"wrote metrics.csv, summary.json and dice_boxplot.png to {out}")
 
 
 @app.command()
@@ -143,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         app(args=argv, prog_name="medseg")  # exits itself on success and on usage errors
+    except SystemExit as done:
+        code = done.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
     except KeyboardInterrupt:
         _echo("interrupted")
         return 130

@@ -11,8 +11,10 @@ Ctrl-C never leaves a partial file where a result is expected. Inputs are opened
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import: os.umask can only be read by setting it
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -117,6 +122,50 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+def _check_nifti(path: Path) -> None:
+    """Catch what ITK's NIfTI reader lets through: truncated data and NaN/inf voxels.
+
+    ITK fills the missing part of a truncated NIfTI with zeros instead of failing (NRRD and MHA do
+    fail), and its NIfTI library silently reads NaN/inf floats as 0. Float data is therefore read a
+    second time with nibabel to count them; integer data cannot hold NaN, and its completeness is
+    confirmed from the gzip trailer (the uncompressed size, mod 2**32) without decompressing again.
+    """
+    import nibabel
+
+    try:
+        data = nibabel.load(path).dataobj  # reads the header only
+        expected = int(data.offset) + int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize
+    except (OSError, ValueError, EOFError, nibabel.filebasedimages.ImageFileError):
+        return  # ITK read it but nibabel cannot parse the header: nothing to compare against
+    truncated = InputError(f"{path}: file is truncated or corrupt (its header promises {expected} bytes of "
+                           "header and voxels, the file holds fewer)")
+    if np.dtype(data.dtype).kind in "fc":
+        try:
+            values = data.get_unscaled()
+        except (EOFError, OSError, ValueError, zlib.error):
+            raise truncated from None
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise InputError(f"{path}: image has {bad} NaN/inf voxels")
+        return
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            if int.from_bytes(handle.read(4), "little") == expected % 2**32:
+                return
+        found = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    found += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            raise truncated from None  # the compressed stream ends early or is damaged
+    else:
+        found = path.stat().st_size
+    if found < expected:
+        raise truncated
+
+
 def read_sitk(path: str | Path) -> sitk.Image:
     """One image file or DICOM folder as a 3D scalar SimpleITK image, or an `InputError`."""
     path = Path(path)
@@ -131,6 +180,8 @@ def read_sitk(path: str | Path) -> sitk.Image:
             image = sitk.ReadImage(str(path))
         except RuntimeError:
             raise InputError(f"{path}: not a readable image (truncated, corrupt or not NIfTI/NRRD/MHA/DICOM)") from None
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti(path)
     if image.GetDimension() != 3:
         kind = "2D" if image.GetDimension() == 2 else f"{image.GetDimension()}D"
         raise InputError(f"{path}: expected a 3D image, got a {kind} image of size {image.GetSize()}")
@@ -205,6 +256,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise InputError(f"cannot write to {folder}: {error.strerror or error}") from None
     os.close(handle)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should read like any other file
     try:
         yield tmp
         os.replace(tmp, path)

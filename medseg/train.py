@@ -295,6 +295,8 @@ def fit(options: TrainOptions) -> Path:
 
     folder, saved = _resolve_run(options)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp*"):  # a write cut short by a kill: the file it was replacing is intact
+        stale.unlink()
     task, data, split, prep, plan, cases, config = _prepare(options, folder, saved)
     if saved and (options.epochs or options.max_minutes is not None):
         config.update({k: v for k, v in (("epochs", options.epochs), ("max_minutes", options.max_minutes)) if v})

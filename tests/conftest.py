@@ -63,3 +63,52 @@ def write_case(tmp_path: Path):
         return image_path, label_path, grid
 
     return _write
+
+
+TINY_TASK = """\
+name: tiny
+labels: {1: prostate, 2: bladder, 3: rectum, 4: femoral_head_left, 5: femoral_head_right}
+pairs: [[femoral_head_left, femoral_head_right]]
+spacing: [3.0, 3.0, 3.0]
+patch_size: [16, 16, 16]
+intensity: {window: [-200, 800]}
+sampling: {samples_per_volume: 2, queue_length: 8}
+augmentation:
+  flip: {p: 0.5}
+  noise: {p: 0.2}
+network: {name: dynunet, filters: [4, 8, 16], deep_supervision: true}
+optimizer: {name: adamw, lr: 0.01, weight_decay: 0.0}
+schedule: {epochs: 4, steps_per_epoch: 5, batch_size: 2, validate_every: 2}
+inference: {sw_batch_size: 2, largest_component: [bladder]}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> tuple[Path, Path]:
+    """An MSD-layout dataset of six blob cases in four orientations, and a tiny task file for it."""
+    import json
+
+    root = tmp_path_factory.mktemp("tiny") / "dataset"
+    entries = []
+    for i, orientation in enumerate(["LPS", "RAS", "PLI", "oblique", "LPS", "RAS"]):
+        grid = make_grid(orientation, shape=(48, 40, 20), spacing=(1.5, 1.5, 3.0))
+        image, labels = blob_case(grid, seed=i)
+        write_image(image, grid, root / "imagesTr" / f"blob_{i}.nii.gz")
+        write_label_map(labels, grid, root / "labelsTr" / f"blob_{i}.nii.gz")
+        entries.append({"image": f"./imagesTr/blob_{i}.nii.gz", "label": f"./labelsTr/blob_{i}.nii.gz"})
+    organs = {"0": "background", "1": "prostate", "2": "bladder", "3": "rectum", "4": "femoral_head_left",
+              "5": "femoral_head_right"}
+    (root / "dataset.json").write_text(json.dumps({"name": "tiny", "modality": {"0": "CT"}, "labels": organs,
+                                                   "training": entries, "test": []}))
+    task = root.parent / "tiny.yaml"
+    task.write_text(TINY_TASK)
+    return root, task
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dataset, tmp_path_factory) -> Path:
+    """A run folder trained for a few steps on the tiny dataset (shared by the predict tests)."""
+    from medseg.train import TrainOptions, fit
+
+    root, task = tiny_dataset
+    return fit(TrainOptions(task=task, data=root, out=tmp_path_factory.mktemp("runs") / "tiny", epochs=2))

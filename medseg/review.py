@@ -1,0 +1,231 @@
+"""A static review page: every case with its overlay thumbnail, organ volumes and Dice, worst first.
+
+`review.html` is one self-contained file (inline CSS and JS, no CDN, no server): it opens from
+`file://`, and a Content-Security-Policy forbids any network access. Overlay PNGs are referenced
+relative to the page, so the output folder can be moved or zipped as a whole. The table is built as
+data first (`review_rows`), then written (`render_page`); the script only sorts rows when a column
+header is clicked (or the URL ends in `#sort=KEY` / `#sort=-KEY`) and marks the table `data-ready`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+from medseg.errors import InputError
+from medseg.io import write_text
+
+POOR, FAIR = 0.70, 0.85  # Dice shading: red below POOR, amber below FAIR, green from FAIR
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _check(case: Mapping, position: int) -> None:
+    if not isinstance(case, Mapping) or not isinstance(case.get("case"), str) or not case["case"]:
+        raise InputError(f"review case #{position} must be a mapping with a non-empty 'case' name, got {case!r}")
+    for key in ("volumes_ml", "dice"):
+        if case.get(key) is not None and not isinstance(case[key], Mapping):
+            raise InputError(f"review case '{case['case']}': '{key}' must map organ names to numbers, got {case[key]!r}")
+    overlays = case.get("overlays") or []
+    if isinstance(overlays, (str, Path)) or not all(isinstance(p, (str, Path)) for p in overlays):
+        raise InputError(f"review case '{case['case']}': 'overlays' must be a list of PNG paths, got {overlays!r}")
+
+
+def mean_dice(case: Mapping) -> float:
+    """Mean Dice over the organs with a defined value (NaN for organs absent from both masks)."""
+    values = [v for v in map(_number, (case.get("dice") or {}).values()) if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def review_rows(cases: Sequence[Mapping]) -> list[Mapping]:
+    """Cases worst first: lowest mean Dice first, cases without Dice after them, ties by name."""
+    for position, case in enumerate(cases):
+        _check(case, position)
+
+    def worst_first(case: Mapping) -> tuple:
+        score = mean_dice(case)
+        return math.isnan(score), 0.0 if math.isnan(score) else score, case["case"]
+
+    return sorted(cases, key=worst_first)
+
+
+def _href(path: str | Path, out: Path) -> str:
+    """URL of an overlay relative to the page, whatever form the path was given in."""
+    path = Path(path)
+    if path.is_absolute():
+        path = Path(os.path.relpath(path, out.resolve()))
+    return quote(path.as_posix(), safe="/")
+
+
+def _view_name(path: str | Path) -> str:
+    stem = Path(path).stem
+    return stem.rsplit("_", 1)[-1] if "_" in stem else stem
+
+
+def _cell(value: float, digits: int, shade: bool = False) -> str:
+    if math.isnan(value):
+        return '<td class="num" data-value="">&ndash;</td>'
+    grade = "" if not shade else (" poor" if value < POOR else " fair" if value < FAIR else " good")
+    return f'<td class="num{grade}" data-value="{value!r}">{value:.{digits}f}</td>'
+
+
+def render_page(rows: Sequence[Mapping], out: Path) -> str:
+    """The HTML text of the review page for cases already in display order."""
+    esc = html.escape
+    organs: list[str] = []
+    for row in rows:
+        for name in list(row.get("volumes_ml") or {}) + list(row.get("dice") or {}):
+            if name not in organs:
+                organs.append(name)
+    with_dice = any(row.get("dice") for row in rows)
+    columns = [("rank", "#", "number"), ("case", "Case", "text"), ("overlay", "Overlay", "")]
+    if with_dice:
+        columns.append(("mean_dice", "Mean Dice", "number"))
+    for organ in organs:
+        columns.append((f"ml:{organ}", f"{organ} mL", "number"))
+        if with_dice:
+            columns.append((f"dice:{organ}", f"{organ} Dice", "number"))
+    head = "".join(
+        f'<th data-key="{esc(key)}" data-type="{kind}"{" tabindex=0" if kind else ""}>{esc(title)}</th>'
+        for key, title, kind in columns)
+    body = []
+    for rank, row in enumerate(rows, start=1):
+        name = row["case"]
+        overlays = [p for p in row.get("overlays") or []]
+        thumb = next((p for p in overlays if _view_name(p) == "axial"), overlays[0] if overlays else None)
+        if thumb is None:
+            overlay = "<td>no overlay</td>"
+        else:
+            links = " ".join(f'<a href="{esc(_href(p, out))}">{esc(_view_name(p))}</a>' for p in overlays)
+            overlay = (f'<td><a href="{esc(_href(thumb, out))}"><img class="thumb" src="{esc(_href(thumb, out))}" '
+                       f'alt="{esc(_view_name(thumb))} overlay of {esc(name)}" loading="lazy"></a>'
+                       f'<div class="links">{links}</div></td>')
+        cells = [f'<td class="num" data-value="{rank}">{rank}</td>', f'<td class="name">{esc(name)}</td>', overlay]
+        if with_dice:
+            cells.append(_cell(mean_dice(row), 3, shade=True))
+        for organ in organs:
+            cells.append(_cell(_number((row.get("volumes_ml") or {}).get(organ)), 1))
+            if with_dice:
+                cells.append(_cell(_number((row.get("dice") or {}).get(organ)), 3, shade=True))
+        body.append(f'<tr data-case="{esc(name)}">{"".join(cells)}</tr>')
+    order = "lowest mean Dice first" if with_dice else "by name"
+    return _PAGE.format(count=len(rows), order=order, head=head, body="\n".join(body),
+                        dice_note="" if not with_dice else
+                        f" Dice shading: red &lt; {POOR:.2f} &le; amber &lt; {FAIR:.2f} &le; green.",
+                        script=_SCRIPT)
+
+
+def write_review_page(out: str | Path, cases: list[dict]) -> Path:
+    """Write `review.html` into `out`, listing every case worst first.
+
+    Args:
+        out: output folder (the overlays' paths are relative to it).
+        cases: one dict per case: `case` (name), `volumes_ml` ({organ: mL}), optional `dice`
+            ({organ: value}, NaN for organs absent from both masks) and `overlays` (PNG paths,
+            relative to `out`; the one ending in `_axial.png` is the thumbnail).
+
+    Returns:
+        The page's path.
+    """
+    out = Path(out)
+    return write_text(render_page(review_rows(cases), out), out / "review.html")
+
+
+_SCRIPT = """
+(function () {
+  "use strict";
+  var table = document.getElementById("cases");
+  var heads = table.tHead.rows[0].cells;
+  function value(row, col, numeric) {
+    var cell = row.cells[col];
+    var raw = cell.hasAttribute("data-value") ? cell.getAttribute("data-value") : cell.textContent;
+    if (!numeric) { return raw.toLowerCase(); }
+    var number = parseFloat(raw);
+    return isNaN(number) ? null : number;
+  }
+  function sortBy(col, descending) {
+    var numeric = heads[col].getAttribute("data-type") === "number";
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = value(a, col, numeric), y = value(b, col, numeric);
+      if (x === null || y === null) { return (x === null) - (y === null); }  /* blanks last */
+      var order = x < y ? -1 : x > y ? 1 : 0;
+      return descending ? -order : order;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+    for (var i = 0; i < heads.length; i++) { heads[i].removeAttribute("aria-sort"); }
+    heads[col].setAttribute("aria-sort", descending ? "descending" : "ascending");
+  }
+  function keyed(key) {
+    for (var i = 0; i < heads.length; i++) {
+      if (heads[i].getAttribute("data-key") === key && heads[i].getAttribute("data-type")) { return i; }
+    }
+    return -1;
+  }
+  function clicked(col) {
+    var descending = heads[col].getAttribute("aria-sort") === "ascending";
+    sortBy(col, descending);
+    var key = encodeURIComponent(heads[col].getAttribute("data-key"));
+    history.replaceState(null, "", "#sort=" + (descending ? "-" : "") + key);
+  }
+  Array.prototype.forEach.call(heads, function (head, col) {
+    if (!head.getAttribute("data-type")) { return; }
+    head.addEventListener("click", function () { clicked(col); });
+    head.addEventListener("keydown", function (event) { if (event.key === "Enter") { clicked(col); } });
+  });
+  var match = /^#sort=(-?)(.+)$/.exec(location.hash);
+  if (match) {
+    var col = keyed(decodeURIComponent(match[2]));
+    if (col >= 0) { sortBy(col, match[1] === "-"); }
+  }
+  table.setAttribute("data-ready", "true");
+})();
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy"
+      content="default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>medseg review: {count} cases</title>
+<style>
+  body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1em; color: #111; background: #fafafa; }}
+  table {{ border-collapse: collapse; background: #fff; }}
+  th, td {{ border: 1px solid #ddd; padding: 4px 8px; vertical-align: middle; }}
+  th {{ position: sticky; top: 0; background: #eee; white-space: nowrap; }}
+  th[data-type]:not([data-type=""]) {{ cursor: pointer; }}
+  th[aria-sort="ascending"]::after {{ content: " \\25B2"; }}
+  th[aria-sort="descending"]::after {{ content: " \\25BC"; }}
+  td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+  td.name {{ font-weight: 600; }}
+  td.poor {{ background: #f8c9c4; }} td.fair {{ background: #fbe3b4; }} td.good {{ background: #d3efd5; }}
+  img.thumb {{ height: 110px; display: block; }}
+  .links a {{ margin-right: .6em; }}
+</style>
+</head>
+<body>
+<h1>Segmentation review</h1>
+<p>{count} cases, {order}. Click a column header to sort; click a thumbnail or view name for the full-size
+overlay (axial seen from the feet: patient's right on image left).{dice_note}</p>
+<table id="cases">
+<thead><tr>{head}</tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
+<script>{script}</script>
+</body>
+</html>
+"""

@@ -1,0 +1,73 @@
+"""Augmentation: a left-right flip keeps the left femoral head labelled left, in world coordinates."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torchio as tio
+
+from medseg.augment import build_augmentation, flip_left_right
+from medseg.config import Augmentation, FlipAug, load_task
+from medseg.preprocess import ChannelIntensity, Preprocessing, preprocess
+
+from conftest import blob_case, make_grid
+
+LEFT, RIGHT = 4, 5
+
+
+def world_centroid(subject: tio.Subject, label_id: int) -> np.ndarray:
+    """Centroid of an organ in RAS world mm (the subject's own affine, whatever its voxel order)."""
+    index = np.argwhere(subject["label"].data[0].numpy() == label_id).mean(0)
+    return subject["label"].affine[:3, :3] @ index + subject["label"].affine[:3, 3]
+
+
+@pytest.fixture(params=["LPS", "RAS", "PLI"])
+def ras_subject(request) -> tio.Subject:
+    grid = make_grid(request.param, shape=(40, 36, 24))
+    image, labels = blob_case(grid)
+    prep = Preprocessing((2.0, 2.0, 2.0), "none", (ChannelIntensity(None, 0.0, 1.0),))
+    return preprocess(prep, image[None].astype(np.float32), grid, labels)
+
+
+def test_left_head_is_on_the_patients_left(ras_subject):
+    # RAS world: smaller x is further to the patient's left
+    assert world_centroid(ras_subject, LEFT)[0] < world_centroid(ras_subject, RIGHT)[0]
+
+
+def test_flip_swaps_paired_labels_and_keeps_left_on_the_left(ras_subject):
+    task = load_task("prostate")
+    flipped = flip_left_right(task.swap_pairs())(ras_subject)
+    assert world_centroid(flipped, LEFT)[0] < world_centroid(flipped, RIGHT)[0]
+    # the image really was mirrored: the voxels now called left held the right head's intensities
+    before = ras_subject["label"].data[0].numpy()
+    after = flipped["label"].data[0].numpy()
+    assert np.array_equal(after == LEFT, np.flip(before == RIGHT, 0))
+    assert torch.equal(flipped["image"].data, ras_subject["image"].data.flip(1))
+
+
+def test_flip_twice_is_identity(ras_subject):
+    swap = load_task("prostate").swap_pairs()
+    twice = flip_left_right(swap)(flip_left_right(swap)(ras_subject))
+    assert torch.equal(twice["label"].data, ras_subject["label"].data)
+    assert torch.equal(twice["image"].data, ras_subject["image"].data)
+
+
+def test_task_augmentation_with_certain_flip_keeps_sides(ras_subject):
+    task = load_task("prostate")
+    task = dataclasses.replace(task, augmentation=Augmentation(flip=FlipAug(p=1.0)))
+    augmented = build_augmentation(task)(ras_subject)
+    assert torch.equal(augmented["image"].data, ras_subject["image"].data.flip(1))  # it did flip
+    assert world_centroid(augmented, LEFT)[0] < world_centroid(augmented, RIGHT)[0]
+
+
+def test_augmentation_keeps_labels_and_shapes(ras_subject):
+    torch.manual_seed(0)
+    transform = build_augmentation(load_task("prostate"))
+    for _ in range(5):
+        out = transform(ras_subject)
+        assert out["image"].shape == ras_subject["image"].shape
+        assert set(np.unique(out["label"].data.numpy())) <= {0, 1, 2, 3, 4, 5}
+        assert torch.isfinite(out["image"].data).all()

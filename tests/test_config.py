@@ -1,0 +1,93 @@
+"""medseg.config: tasks load by name or path, round trip through JSON, and bad files fail naming the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medseg.config import Task, available_tasks, load_task, parse_task, task_to_dict
+from medseg.errors import ConfigError
+
+MINIMAL = "name: pelvis\nlabels:\n  1: prostate\n  2: {name: bladder, color: [1, 2, 3]}\n"
+
+
+def write_task(tmp_path: Path, text: str, name: str = "task.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_prostate_loads_by_name():
+    task = load_task("prostate")
+    assert "prostate" in available_tasks()
+    assert task.name == "prostate" and task.modality == "CT" and task.channels == ("CT",)
+    assert task.label_names == {1: "prostate", 2: "bladder", 3: "rectum", 4: "femoral_head_left",
+                                5: "femoral_head_right"}
+    assert task.swap_pairs() == {4: 5, 5: 4}
+    assert task.num_classes == 6
+
+
+def test_user_task_loads_by_path(tmp_path):
+    task = load_task(write_task(tmp_path, MINIMAL + "spacing: [1, 1, 2.5]\naugmentation:\n  flip: {axes: [LR, SI]}\n"))
+    assert task.name == "pelvis"
+    assert [(lab.id, lab.name) for lab in task.labels] == [(1, "prostate"), (2, "bladder")]
+    assert task.labels[1].color == (1, 2, 3)
+    assert task.spacing == (1.0, 1.0, 2.5)
+    assert task.augmentation.flip.axes == ("LR", "SI") and task.augmentation.flip.p == 0.5
+    assert task.augmentation.affine is None  # absent augmentations are off
+
+
+def test_json_task_file(tmp_path):
+    path = write_task(tmp_path, json.dumps(yaml.safe_load(MINIMAL)), "task.json")
+    assert load_task(path).label_names == {1: "prostate", 2: "bladder"}
+
+
+@pytest.mark.parametrize("source", ["prostate", "minimal"])
+def test_round_trip_through_json(tmp_path, source):
+    task = load_task("prostate") if source == "prostate" else load_task(write_task(tmp_path, MINIMAL))
+    again = parse_task(json.loads(json.dumps(task_to_dict(task))), "model/config.json")
+    assert isinstance(again, Task) and again == task
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param(MINIMAL + "modalty: CT\n", r"unknown key 'modalty' \(expected one of: name, labels", id="top-level-key"),
+    pytest.param(MINIMAL + "augmentation:\n  flip: {axs: [LR]}\n", r"unknown key 'augmentation\.flip\.axs'",
+                 id="nested-key"),
+    pytest.param(MINIMAL + "schedule: {epochs: ten}\n", r"key 'schedule\.epochs' must be an integer, got 'ten'",
+                 id="wrong-type"),
+    pytest.param(MINIMAL + "patch_size: [96, 96]\n", r"key 'patch_size' must be a list of 3 values", id="wrong-length"),
+    pytest.param(MINIMAL + "network: {name: resnet}\n", r"key 'network\.name' must be one of 'dynunet', 'unet'",
+                 id="bad-literal"),
+    pytest.param(MINIMAL + "pairs: [[prostate, femur]]\n", r"key 'pairs\[0\]' names 'femur', which is not an organ",
+                 id="pair-missing-organ"),
+    pytest.param("name: x\nlabels: {0: background}\n", r"key 'labels\.0' must be a label id in 1\.\.255", id="label-zero"),
+    pytest.param("labels: {1: prostate}\n", r"missing key 'name'", id="missing-name"),
+    pytest.param(MINIMAL + "spacing: [1, -1, 2]\n", r"key 'spacing' must be positive", id="negative-spacing"),
+    pytest.param(MINIMAL + "labels_extra: [\n", r"not valid YAML", id="malformed-yaml"),
+    pytest.param("- just\n- a list\n", r"a task file must be a mapping", id="not-a-mapping"),
+])
+def test_bad_task_files_name_file_and_key(tmp_path, text, message):
+    path = write_task(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_task(path)
+    assert str(error.value).startswith(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_malformed_json_task(tmp_path):
+    path = write_task(tmp_path, '{"name": "x", "labels": {"1": "a"},}', "task.json")
+    with pytest.raises(ConfigError, match=r"task\.json: not valid JSON"):
+        load_task(path)
+
+
+def test_unknown_task_name_lists_available():
+    with pytest.raises(ConfigError, match=r"unknown task 'prostrate' \(available: .*prostate"):
+        load_task("prostrate")
+
+
+def test_missing_task_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"task file not found: .*nope\.yaml"):
+        load_task(tmp_path / "nope.yaml")

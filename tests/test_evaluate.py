@@ -1,0 +1,158 @@
+"""`medseg evaluate` end to end on real .nii.gz files, and the file-level API under it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import blob_case, make_grid
+
+from medseg.cli import main
+from medseg.errors import InputError
+from medseg.evaluate import CASE_ORGAN, ORGAN_METRICS, evaluate_pairs, match_cases, read_labels_file
+from medseg.io import write_label_map
+
+PROSTATE_ORGANS = ["prostate", "bladder", "rectum", "femoral_head_left", "femoral_head_right"]
+
+
+def run_cli(args: list[str]) -> int:
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as done:  # typer exits itself on success
+        return done.code or 0
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    """refs/case_{0,1,2}.nii.gz and preds/case_{0,1}_seg.nii.gz + stray_seg.nii.gz: each prediction
+    is its reference shifted by one voxel along x, with the rectum (3) missing in case_1."""
+    grid = make_grid("LPS", shape=(40, 36, 24))
+    refs, preds = tmp_path / "refs", tmp_path / "preds"
+    for seed in range(3):
+        _, labels = blob_case(grid, seed)
+        write_label_map(labels, grid, refs / f"case_{seed}.nii.gz")
+        if seed < 2:
+            pred = np.roll(labels, 1, axis=0)
+            if seed == 1:
+                pred[pred == 3] = 0
+            write_label_map(pred, grid, preds / f"case_{seed}_seg.nii.gz")
+    write_label_map(labels, grid, preds / "stray_seg.nii.gz")
+    return preds, refs
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_end_to_end_with_task(folders, tmp_path, capsys):
+    preds, refs = folders
+    out = tmp_path / "evaluation"
+    assert run_cli(["evaluate", "--pred", preds, "--ref", refs, "--task", "prostate", "-o", out]) == 0
+    captured = capsys.readouterr()
+
+    assert {p.name for p in out.iterdir()} == {"metrics.csv", "summary.json", "dice_boxplot.png"}
+    assert (out / "dice_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = read_csv(out / "metrics.csv")
+    assert list(rows[0]) == ["case", "organ", "metric", "value"]
+    assert {r["case"] for r in rows} == {"case_0", "case_1"}  # `_seg` stripped, strays skipped
+    assert {r["organ"] for r in rows} == {*PROSTATE_ORGANS, CASE_ORGAN}
+    assert len(rows) == 2 * (5 * len(ORGAN_METRICS) + 2)
+    values = {(r["case"], r["organ"], r["metric"]): float(r["value"]) for r in rows}
+    assert 0.5 < values["case_0", "bladder", "dice"] < 1
+    assert values["case_1", "rectum", "dice"] == 0 and math.isinf(values["case_1", "rectum", "hd95_mm"])
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {*PROSTATE_ORGANS, CASE_ORGAN}
+    assert set(summary["prostate"]["dice"]) == {"mean", "std", "median", "n", "n_empty", "n_inf"}
+    assert summary["rectum"]["hd95_mm"]["n_inf"] == 1 and summary["rectum"]["hd95_mm"]["n"] == 1
+
+    # one warning line names the partnerless files; the table names every organ
+    warning = [line for line in captured.err.splitlines() if line.startswith("warning")]
+    assert len(warning) == 1 and "stray" in warning[0] and "case_2" in warning[0]
+    for organ in PROSTATE_ORGANS:
+        assert organ in captured.out
+
+
+@pytest.mark.parametrize("mapping", [
+    pytest.param({"0": "background", "1": "gland", "2": "vesica"}, id="id-to-name"),
+    pytest.param({"labels": {"background": 0, "gland": 1, "vesica": 2}}, id="nnunet-name-to-id"),
+])
+def test_cli_labels_file(folders, tmp_path, mapping):
+    preds, refs = folders
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(mapping))
+    out = tmp_path / "evaluation"
+    assert run_cli(["evaluate", "--pred", preds, "--ref", refs, "--labels", labels, "-o", out]) == 0
+    assert set(json.loads((out / "summary.json").read_text())) == {"gland", "vesica", CASE_ORGAN}
+
+
+def test_cli_without_names_uses_label_values(folders, tmp_path):
+    preds, refs = folders
+    out = tmp_path / "evaluation"
+    assert run_cli(["evaluate", "--pred", preds, "--ref", refs, "-o", out]) == 0
+    assert set(json.loads((out / "summary.json").read_text())) == {f"label_{i}" for i in range(1, 6)} | {CASE_ORGAN}
+
+
+def test_cli_two_files(folders, tmp_path):
+    preds, refs = folders
+    out = tmp_path / "evaluation"
+    assert run_cli(["evaluate", "-p", preds / "case_0_seg.nii.gz", "-r", refs / "case_0.nii.gz", "-t", "prostate",
+                    "-o", out]) == 0
+    assert {r["case"] for r in read_csv(out / "metrics.csv")} == {"case_0"}
+
+
+def test_cli_grid_mismatch_is_a_one_line_error_naming_both_files(folders, tmp_path, capsys):
+    preds, refs = folders
+    labels = blob_case(make_grid("LPS", shape=(40, 36, 24)), 0)[1]
+    write_label_map(labels, make_grid("LPS", shape=(40, 36, 24), spacing=(1.2, 1.1, 3.0)), preds / "case_0_seg.nii.gz")
+    out = tmp_path / "evaluation"
+    assert run_cli(["evaluate", "--pred", preds, "--ref", refs, "--task", "prostate", "-o", out]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error:") and "case_0_seg.nii.gz" in error and "case_0.nii.gz" in error
+    assert "spacing" in error
+    assert not (out / "metrics.csv").exists()
+
+
+def test_cli_no_match_and_conflicting_options(folders, tmp_path, capsys):
+    preds, refs = folders
+    empty_refs = tmp_path / "other"
+    write_label_map(np.zeros((4, 4, 4), np.uint8), make_grid(shape=(4, 4, 4)), empty_refs / "unrelated.nii.gz")
+    assert run_cli(["evaluate", "--pred", preds, "--ref", empty_refs]) == 2
+    assert "no prediction" in capsys.readouterr().err
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"1": "prostate"}')
+    assert run_cli(["evaluate", "--pred", preds, "--ref", refs, "--task", "prostate", "--labels", labels]) == 2
+
+
+def test_grid_mismatch_in_the_api(tmp_path):
+    labels = np.zeros((8, 8, 8), np.uint8)
+    ref = write_label_map(labels, make_grid(shape=(8, 8, 8)), tmp_path / "a.nii.gz")
+    pred = write_label_map(labels, make_grid(shape=(8, 8, 8), origin=(0, 0, 0)), tmp_path / "a_seg.nii.gz")
+    with pytest.raises(InputError, match=r"a_seg\.nii\.gz and .*a\.nii\.gz: .*origin"):
+        evaluate_pairs([("a", pred, ref)], {1: "prostate"})
+
+
+def test_match_cases_strips_seg_and_reports_missing(folders):
+    preds, refs = folders
+    pairs, lone_preds, lone_refs = match_cases(preds, refs)
+    assert [(case, p.name, r.name) for case, p, r in pairs] == [
+        ("case_0", "case_0_seg.nii.gz", "case_0.nii.gz"), ("case_1", "case_1_seg.nii.gz", "case_1.nii.gz")]
+    assert (lone_preds, lone_refs) == (["stray"], ["case_2"])
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param('{"1": 2}', "must map", id="number-to-number"),
+    pytest.param('{"1": "a", "2": "a"}', "repeated", id="repeated-name"),
+    pytest.param('{"0": "background"}', "names no organ", id="background-only"),
+    pytest.param('[1, 2]', "expected a mapping", id="list"),
+])
+def test_bad_labels_files(tmp_path, text, message):
+    path = tmp_path / "labels.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_labels_file(path)

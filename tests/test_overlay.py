@@ -1,0 +1,212 @@
+"""Overlay PNGs: the pure slice renderer, radiological orientation for every voxel order, files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import blob_case, make_grid
+
+from medseg.config import load_task
+from medseg.errors import InputError
+from medseg.io import Grid, from_array, to_array
+from medseg.overlay import (VIEWS, canonical, choose_slices, render_slice, render_view, view_slice, view_spacing,
+                            write_overlays)
+
+RED, GREEN = (230, 25, 75), (60, 180, 75)
+AXIAL, CORONAL, SAGITTAL = VIEWS
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task("prostate")  # organ 4 = femoral_head_left, organ 5 = femoral_head_right
+
+
+def disc(shape, centre, radius) -> np.ndarray:
+    rows, cols = np.indices(shape)
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def colour_pixels(rgb: np.ndarray, color) -> np.ndarray:
+    return np.all(rgb == np.asarray(color, np.uint8), axis=-1)
+
+
+# ----------------------------------------------------------------------------------- pure slice
+
+
+def test_render_slice_returns_uint8_rgb_of_the_slice_size():
+    rgb = render_slice(np.zeros((10, 20)), np.zeros((10, 20), np.uint8), {}, (40, 400), (1.0, 1.0))
+    assert rgb.dtype == np.uint8 and rgb.shape == (10, 20, 3)
+    assert render_slice(np.zeros((10, 20)), np.zeros((10, 20), np.uint8), {}, (40, 400), (1.0, 1.0),
+                        pixel_mm=0.5).shape == (20, 40, 3)
+
+
+@pytest.mark.parametrize("spacing, shape", [
+    pytest.param((3.0, 1.0), (30, 20, 3), id="thick-rows-stretched"),
+    pytest.param((1.0, 2.0), (10, 40, 3), id="wide-columns-stretched"),
+])
+def test_render_slice_pixels_are_square_in_mm(spacing, shape):
+    assert render_slice(np.zeros((10, 20)), np.zeros((10, 20), np.uint8), {}, (0, 100), spacing).shape == shape
+
+
+def test_window_maps_level_to_mid_grey_and_edges_to_black_and_white():
+    image = np.array([[40.0, -160.0, 240.0, -1000.0, 3000.0]])
+    rgb = render_slice(image, np.zeros(image.shape, np.uint8), {}, (40, 400), (1.0, 1.0))
+    assert rgb[0, :, 0].tolist() == [128, 0, 255, 0, 255]
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+
+
+def test_outline_pixels_have_the_organ_colour_and_the_inside_is_tinted():
+    labels = disc((60, 60), (30, 30), 15).astype(np.uint8)
+    rgb = render_slice(np.full((60, 60), -1000.0), labels, {1: RED}, (40, 400), (1.0, 1.0))
+    rows, cols = np.nonzero(colour_pixels(rgb, RED))
+    distance = np.hypot(rows - 30, cols - 30)
+    assert rows.size > 2 * np.pi * 15 and distance.min() > 12 and distance.max() <= 15.5
+    assert tuple(rgb[30, 30]) == tuple(round(c * 0.25) for c in RED)  # translucent fill on black
+    assert not rgb[5, 5].any()  # background stays black
+
+
+def test_reference_outline_is_dashed_in_the_organ_colour():
+    reference = disc((80, 80), (40, 40), 25).astype(np.uint8)
+    rgb = render_slice(np.full((80, 80), -1000.0), np.zeros((80, 80), np.uint8), {1: GREEN}, (40, 400), (1.0, 1.0),
+                       reference2d=reference)
+    rows, cols = np.nonzero(colour_pixels(rgb, GREEN))
+    assert np.abs(np.hypot(rows - 40, cols - 40) - 25).max() <= 2.5
+    angles = np.unique(np.round(np.degrees(np.arctan2(rows - 40, cols - 40))).astype(int))
+    assert 0.3 < angles.size / 360 < 0.8  # dashes: part of the circle, not all of it
+
+
+def test_render_slice_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        render_slice(np.zeros((4, 4)), np.zeros((4, 5), np.uint8), {}, (40, 400), (1.0, 1.0))
+
+
+# ------------------------------------------------------------------------------ orientation
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS", "PLI", "oblique"])
+def test_canonical_matches_dicomorient(orientation):
+    grid = make_grid(orientation)
+    _, labels = blob_case(grid)
+    array, canon = canonical(labels, grid)
+    expected = sitk.DICOMOrient(from_array(labels, grid), "LPS")
+    assert np.array_equal(array, to_array(expected))
+    assert canon.matches(Grid.of(expected))
+
+
+def organ_centroid_column(tiles, color) -> list[float]:
+    """Column of the organ's outline centroid, as a fraction of the tile width, in every tile showing it."""
+    found = []
+    for tile in tiles:
+        cols = np.nonzero(colour_pixels(tile.rgb, color))[1]
+        if cols.size:
+            found.append(cols.mean() / tile.rgb.shape[1])
+    return found
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS", "PLI", "oblique"])
+def test_patient_left_is_on_the_image_right_in_axial_and_coronal_views(write_case, task, orientation):
+    from medseg.io import read_image, read_label
+
+    image_path, label_path, _ = write_case(orientation=orientation)
+    image, grid = read_image(image_path)
+    labels, _ = read_label(label_path)
+    image_c, grid_c = canonical(image[0], grid)
+    labels_c = canonical(labels, grid)[0]
+    colors = {label.id: label.color for label in task.labels}
+    for view in (AXIAL, CORONAL):
+        tiles = render_view(image_c, labels_c, grid_c, view, colors, (40, 400))
+        left, right = organ_centroid_column(tiles, colors[4]), organ_centroid_column(tiles, colors[5])
+        assert left and min(left) > 0.5, f"{view.name}: left organ not on the image right"
+        assert right and max(right) < 0.5, f"{view.name}: right organ not on the image left"
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "PLI"])
+def test_sagittal_shows_anterior_left_and_superior_up(write_case, orientation):
+    _, labels = blob_case(make_grid(orientation))
+    labels_c, grid_c = canonical(labels, make_grid(orientation))
+    # organ 3 sits posterior (+y in LPS) of organ 1; organ 2 superior (+z) of organ 1
+    x = int(np.mean(np.nonzero(labels_c == 1)[0]))
+    picture = view_slice(labels_c, SAGITTAL, x)
+    rows = {k: np.nonzero(picture == k)[0].mean() for k in (1, 2)}
+    cols = {k: np.nonzero(view_slice(labels_c, SAGITTAL, int(np.mean(np.nonzero(labels_c == k)[0]))) == k)[1].mean()
+            for k in (1, 3)}
+    assert cols[3] > cols[1] and rows[2] < rows[1]
+
+
+def test_thick_slices_give_taller_coronal_tiles():
+    def coronal_aspect(spacing):
+        grid = Grid((20, 20, 10), spacing, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+        labels = np.zeros(grid.shape, np.uint8)
+        labels[5:15, 5:15, 3:7] = 1
+        tile = render_view(np.zeros(grid.shape), labels, grid, CORONAL, {1: RED}, (40, 400))[0].rgb
+        assert view_spacing(spacing, CORONAL) == (spacing[2], spacing[0])
+        return tile.shape[0] / tile.shape[1]
+
+    assert coronal_aspect((1.0, 1.0, 1.0)) == pytest.approx(0.5, abs=0.02)  # 10 mm tall, 20 mm wide
+    assert coronal_aspect((1.0, 1.0, 3.0)) == pytest.approx(1.5, abs=0.02)  # 30 mm tall, 20 mm wide
+
+
+# ---------------------------------------------------------------------------- slice choice
+
+
+def test_slices_cover_every_organ_and_the_largest_disagreement():
+    prediction = np.zeros((10, 10, 60), np.uint8)
+    prediction[3:7, 3:7, 5:50] = 1
+    prediction[4:6, 4:6, 52:54] = 2  # a small organ the even spread would miss
+    reference = prediction.copy()
+    reference[2:8, 2:8, 20] = 1  # the slice where they disagree most
+    chosen = dict(choose_slices(prediction, 2, count=8, reference=reference))
+    assert len(chosen) == 8
+    assert "largest disagreement" in chosen[20]
+    assert any(52 <= s <= 53 for s in chosen)
+    assert all(5 <= s <= 53 for s in chosen)
+
+
+def test_empty_mask_still_gives_slices_over_the_whole_volume():
+    chosen = choose_slices(np.zeros((4, 4, 40), np.uint8), 2, count=4)
+    assert [s for s, _ in chosen] == [5, 15, 25, 35]
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+def test_write_overlays_writes_three_small_pngs(write_case, task, tmp_path):
+    from PIL import Image
+
+    image_path, label_path, grid = write_case(orientation="RAS")
+    _, labels = blob_case(grid)
+    prediction = labels.copy()
+    prediction[prediction == 3] = 0  # a missed organ: Dice 0 in the legend
+    paths = write_overlays(image_path, (prediction, grid), task, tmp_path / "png", reference=label_path, case="c7")
+    assert [p.name for p in paths] == ["c7_axial.png", "c7_coronal.png", "c7_sagittal.png"]
+    for path in paths:
+        with Image.open(path) as png:
+            assert png.format == "PNG" and png.mode == "RGB" and png.size[0] == 1600
+            png.verify()
+        assert path.stat().st_size < 1_000_000
+    assert not list((tmp_path / "png").glob(".*tmp*"))  # atomic writes leave no temporary file
+
+
+def test_mask_on_another_grid_is_an_input_error_naming_both(write_case, task, tmp_path):
+    image_path, _, grid = write_case(orientation="LPS")
+    other = make_grid("RAS")
+    with pytest.raises(InputError, match=r"the given mask array .*RAS.* is not on the grid of .*case_000\.nii\.gz"):
+        write_overlays(image_path, (np.zeros(other.shape, np.uint8), other), task, tmp_path)
+
+
+def test_cli_overlay_command(write_case, tmp_path):
+    from medseg.cli import main
+
+    image_path, label_path, _ = write_case(orientation="PLI")
+    assert main(["overlay", str(image_path), str(label_path), "--out", str(tmp_path / "cli")]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [
+        "case_000_axial.png", "case_000_coronal.png", "case_000_sagittal.png"]
+
+
+def test_importing_overlay_does_not_import_plotting_libraries():
+    code = "import sys, medseg.overlay; print(any(m.split('.')[0] in ('PIL', 'matplotlib') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -1,0 +1,106 @@
+"""Training on tiny volumes: the run folder, a falling loss, and resuming after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medseg.config import load_task
+from medseg.train import learning_rate, make_split
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    with (folder / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_split_is_deterministic_and_disjoint():
+    names = [f"case_{i:03d}" for i in range(17)]
+    folds = [make_split(names, 5, fold, seed=3) for fold in range(5)]
+    assert folds[0] == make_split(names, 5, 0, seed=3)
+    held_out = [name for split in folds for name in split["validation"]]
+    assert sorted(held_out) == names  # every case is validated exactly once over the folds
+    for split in folds:
+        assert not set(split["train"]) & set(split["validation"])
+    with pytest.raises(ValueError, match="--fold 5 is out of range"):
+        make_split(names, 5, 5, seed=0)
+
+
+def test_poly_schedule_reaches_zero():
+    task = load_task("prostate")
+    assert learning_rate(task, 0.0) == pytest.approx(task.optimizer.lr)
+    assert learning_rate(task, 0.5) == pytest.approx(task.optimizer.lr * 0.5 ** 0.9)
+    assert learning_rate(task, 1.0) == 0.0
+
+
+def test_run_folder_describes_itself(tiny_model):
+    for name in ["config.json", "best.pt", "last.pt", "split.json", "metrics.csv", "training_curve.png", "train.log"]:
+        assert (tiny_model / name).is_file(), name
+    assert any((tiny_model / "tensorboard").glob("events.out.tfevents.*"))
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert config["task"]["name"] == "tiny"
+    assert config["preprocessing"]["spacing"] == [3.0, 3.0, 3.0]
+    assert config["network"]["name"] == "dynunet"
+    assert set(config["split"]) == {"train", "validation"}
+    state = torch.load(tiny_model / "best.pt", weights_only=True)
+    assert "model" in state and all(torch.is_tensor(v) for v in state["model"].values())
+    rows = read_metrics(tiny_model)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert rows[-1]["dice_femoral_head_left"] != ""  # validated at the last epoch
+    assad = (tiny_model / "training_curve.png").read_bytes()[:8]
+    assert assad == b"\x89PNG\r\n\x1a\n"
+
+
+def train_command(task: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "medseg", "train", "--task", str(task), "--data", str(data), "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_loss_falls_and_a_killed_run_resumes(tiny_dataset, tmp_path):
+    root, task = tiny_dataset
+    out = tmp_path / "run"
+    process = subprocess.Popen(train_command(task, root, out, "--epochs", "8"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (out / "metrics.csv").is_file() or len(read_metrics(out)) < 2:
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.time() < deadline, "training made no progress"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = len(read_metrics(out))
+    assert killed_at < 8
+
+    done = subprocess.run(train_command(task, root, out, "--resume"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from epoch" in (out / "train.log").read_text()
+    rows = read_metrics(out)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 8 and state["progress"]["step"] == 40
+    assert not list(out.glob(".*.tmp*"))  # no half-written checkpoint left behind
+
+
+def test_existing_run_is_not_overwritten(tiny_model, tiny_dataset):
+    root, task = tiny_dataset
+    result = subprocess.run(train_command(task, root, tiny_model), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "already holds a run; use --resume" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_without_a_run_says_so(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "medseg", "train", "--resume", "--out", str(tmp_path / "nothing")],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ})
+    assert result.returncode == 2
+    assert "not a medseg run folder" in result.stderr
