@@ -79,18 +79,18 @@ def write_outputs(seg: Segmentation, image, case: str, out: Path, task, options:
     if reference is not None:
         from medseg.evaluate import evaluate_case, write_report
 
-        ref_labels, ref_grid = read_label(reference)
+        ref_labels, ref_grid = reference_map = read_label(reference)
         if not ref_grid.matches(seg.grid):
             raise InputError(f"reference {reference} is not on the grid of the scan ({seg.grid.describe()})")
         rows = evaluate_case(ref_labels, seg.labels, seg.grid.spacing, seg.organs, case=case)
-        write_report(rows, out / f"{case}_metrics", quiet=True)
+        write_report(rows, out / f"{case}_metrics")
         row["dice"] = {r["organ"]: r["value"] for r in rows if r["metric"] == "dice"}
     if options.overlays:
         from medseg.overlay import write_overlays
 
         start = time.perf_counter()
-        ref = (read_label(reference)) if reference is not None else None
-        paths = write_overlays(image, (seg.labels, seg.grid), task, out, reference=ref, case=case)
+        paths = write_overlays(image, (seg.labels, seg.grid), task, out,
+                               reference=reference_map if reference is not None else None, case=case)
         row["overlays"] = [p.name for p in paths]
         seconds["overlays"] = time.perf_counter() - start
     row["seconds"] = {k: round(v, 3) for k, v in seconds.items()}

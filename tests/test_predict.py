@@ -1,0 +1,112 @@
+"""`medseg predict` end to end: a tiny trained model, real files, SimpleITK checks of every written grid."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medseg.cli import main
+from medseg.io import read_image, write_image
+from medseg.predict import find_model
+
+from conftest import blob_case, make_grid
+from test_io import write_dicom_series
+
+
+def digest(path: Path) -> str:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()
+
+
+def assert_same_grid(written: Path, source: Path | sitk.Image) -> None:
+    mask = sitk.ReadImage(str(written))
+    if not isinstance(source, sitk.Image):
+        source = sitk.ReadImage(str(source))
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    assert mask.GetSize() == source.GetSize()
+    np.testing.assert_allclose(mask.GetSpacing(), source.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(mask.GetOrigin(), source.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(mask.GetDirection(), source.GetDirection(), atol=1e-6)
+
+
+@pytest.fixture
+def scans(tmp_path) -> Path:
+    """A folder of three scans: a NIfTI in LPS, an NRRD in an oblique orientation, and a broken file."""
+    folder = tmp_path / "scans"
+    for name, orientation, suffix in [("lps_case", "LPS", ".nii.gz"), ("oblique_case", "oblique", ".nrrd")]:
+        grid = make_grid(orientation, shape=(44, 40, 20), spacing=(1.5, 1.4, 3.0))
+        image, _ = blob_case(grid, seed=7)
+        write_image(image, grid, folder / f"{name}{suffix}")
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    return folder
+
+
+def test_folder_is_segmented_and_a_bad_file_is_skipped(tiny_model, scans, tmp_path, capsys):
+    before = digest(scans)
+    out = tmp_path / "out"
+
+    code = main(["predict", str(scans), "-o", str(out), "-m", str(tiny_model), "--probabilities"])
+
+    assert code == 1  # one input failed
+    err = capsys.readouterr().err
+    assert "broken.nii.gz: not a readable image" in err
+    assert "2 of 3 scans segmented" in err
+    for case, suffix in [("lps_case", ".nii.gz"), ("oblique_case", ".nrrd")]:
+        assert_same_grid(out / f"{case}_seg.nii.gz", scans / f"{case}{suffix}")
+        volumes = json.loads((out / f"{case}_volumes.json").read_text())
+        assert set(volumes["organs"]) == {"prostate", "bladder", "rectum", "femoral_head_left", "femoral_head_right"}
+        assert {"read", "preprocess", "inference", "resample", "write"} <= set(volumes["seconds"])
+        assert (out / f"{case}_prob_bladder.nii.gz").is_file()
+        assert (out / f"{case}_axial.png").is_file()
+    assert not list(out.glob("broken*"))  # nothing written for the bad input
+    assert not list(out.glob(".*tmp*"))  # no temporary files left behind
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["case"] for c in summary["cases"]] == ["lps_case", "oblique_case"]
+    assert summary["failed"][0]["input"].endswith("broken.nii.gz")
+    assert (out / "review.html").is_file()
+    assert digest(scans) == before  # inputs untouched
+
+
+def test_dicom_series_and_reference_metrics(tiny_model, tmp_path):
+    grid = make_grid("PLI", shape=(40, 36, 12), spacing=(1.5, 1.5, 3.0))
+    image, labels = blob_case(grid, seed=2)
+    series = tmp_path / "series"
+    write_dicom_series(image, grid, series)
+    source = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series)))
+    _, read_grid = read_image(series)
+    from medseg.io import write_label_map
+
+    reference = write_label_map(labels, read_grid, tmp_path / "refs" / "series.nii.gz")
+    out = tmp_path / "out"
+
+    assert main(["predict", str(series), "-o", str(out), "-m", str(tiny_model), "-r", str(reference),
+                 "--no-overlays"]) == 0
+
+    assert_same_grid(out / "series_seg.nii.gz", source)
+    metrics = json.loads((out / "series_metrics" / "summary.json").read_text())
+    assert "dice" in metrics["bladder"]
+    dice = metrics["bladder"]["dice"]["mean"]
+    assert 0.0 <= dice <= 1.0
+
+
+def test_api_matches_cli(tiny_model, tmp_path):
+    """`Predictor(model_dir).predict(path)` is what the CLI writes."""
+    from medseg import Predictor
+
+    grid = make_grid("RAS", shape=(36, 36, 16), spacing=(1.5, 1.5, 3.0))
+    image, _ = blob_case(grid, seed=5)
+    path = write_image(image, grid, tmp_path / "scan.nii.gz")
+    seg = Predictor(tiny_model, device="cpu").predict(path)
+    assert main(["predict", str(path), "-o", str(tmp_path / "out"), "-m", str(tiny_model), "--no-overlays"]) == 0
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "scan_seg.nii.gz"))).transpose(2, 1, 0)
+    assert np.array_equal(seg.labels, written)
+
+
+def test_no_model_says_how_to_train(tmp_path):
+    with pytest.raises(ValueError, match="train one with `medseg train --task prostate`"):
+        find_model("prostate", runs=tmp_path / "runs")
