@@ -1,0 +1,300 @@
+"""Speed and memory of `medseg predict` on a full-size pelvic CT, against the work it cannot avoid.
+
+A bundled-style phantom is resampled onto a 512 x 512 x Z grid at 0.8 x 0.8 x 2.5 mm (a clinical
+planning CT's size) and written as int16 NIfTI. The network is the prostate task's default network
+with seeded random weights, written as a model folder (weights do not change the time).
+
+Parts (each prints JSON; all of them go to benchmarks/results/predict.json):
+- `e2e`: `medseg predict` stages in-process (read, preprocess, inference, resample, write, overlays)
+  against the bare forward passes it needs (the same number of windows, same batch, same model): the
+  ratio says how much of the time is medseg's own overhead (target <= 1.2).
+- `stitching`: the inference step alone (on the preprocessed volume) for medseg, plain MONAI
+  `sliding_window_inference` (its defaults: sw_batch_size 1) and TorchIO `GridSampler` +
+  `GridAggregator`, same model, volume, window and overlap.
+- `memory`: peak RSS of a `medseg predict` subprocess on a 512 x 512 x 300 scan (target < 4 GB).
+- `resample` (needs `--model RUN_FOLDER`, a trained model): the two ways back to the input grid
+  measured against the sample test references: trilinear probabilities then argmax (medseg's way) vs
+  argmax on the model grid then nearest neighbour.
+
+    python benchmarks/bench_predict.py [e2e stitching memory] [--slices 200] [--model RUN_FOLDER]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPACING = (0.8, 0.8, 2.5)
+
+
+def make_scan(path: Path, slices: int) -> Path:
+    """A 512 x 512 x `slices` int16 CT of a pelvic phantom, LPS, air outside the phantom's box."""
+    import SimpleITK as sitk
+
+    from medseg.io import Grid, from_array, write_image
+    from medseg.phantom import make_case
+
+    image, _, grid = make_case(3, spacing=SPACING, orientation="LPS")
+    source = from_array(image, grid)
+    centre = np.asarray(grid.affine[:3, :3] @ (np.asarray(grid.shape) - 1) / 2 + grid.affine[:3, 3])
+    shape = (512, 512, slices)
+    origin = centre - (np.asarray(shape) - 1) / 2 * np.asarray(SPACING)
+    target = Grid(shape, SPACING, tuple(origin.tolist()), tuple(np.eye(3).ravel().tolist()))
+    reference = target.apply_to(sitk.Image(list(shape), sitk.sitkInt16))
+    resampled = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkInt16)
+    from medseg.io import to_array
+
+    return write_image(to_array(resampled), target, path)
+
+
+def make_model_folder(folder: Path) -> Path:
+    """A model folder as `medseg train` writes it, with the default prostate network, seeded weights."""
+    import torch
+
+    from medseg.config import load_task, task_to_dict
+    from medseg.networks import build_network, plan_network
+    from medseg.preprocess import ChannelIntensity, Preprocessing
+    from medseg.runfolder import save_checkpoint
+
+    task = load_task("prostate")
+    prep = Preprocessing(task.spacing, "dataset", (ChannelIntensity(task.intensity.window, 40.0, 60.0),))
+    plan = plan_network(task.network, 1, task.num_classes, task.patch_size, prep.spacing)
+    torch.manual_seed(0)
+    network = build_network(plan)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"task": task_to_dict(task), "preprocessing": prep.to_dict(), "network": plan.to_dict()}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_checkpoint(folder / "best.pt", {"model": network.state_dict()})
+    return folder
+
+
+def window_count(shape, roi, overlap) -> int:
+    from monai.inferers.utils import _get_scan_interval, dense_patch_slices
+
+    padded = tuple(max(s, r) for s, r in zip(shape, roi))  # MONAI pads a volume smaller than the window
+    interval = _get_scan_interval(padded, tuple(roi), 3, (overlap,) * 3)
+    return len(dense_patch_slices(padded, tuple(roi), interval))
+
+
+def bare_forward_seconds(network, windows: int, batch: int, roi) -> float:
+    """The forward passes sliding-window inference must run: `windows` windows in batches of `batch`."""
+    import torch
+
+    from medseg.infer import autocast
+
+    device = next(network.parameters()).device
+    data = torch.randn(batch, 1, *roi)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast(device):
+        for first in range(0, windows, batch):
+            network(data[: min(batch, windows - first)])
+    return time.perf_counter() - start
+
+
+def bench_e2e(scan: Path, model: Path, out: Path) -> dict:
+    from medseg.infer import Predictor
+    from medseg.io import read_image
+    from medseg.predict import PredictOptions, write_outputs
+
+    predictor = Predictor(model, device="cpu")
+    options = PredictOptions(model=model, device="cpu")
+    start = time.perf_counter()
+    image = read_image(scan)
+    read_s = time.perf_counter() - start
+    seg = predictor.predict(image)
+    seg.seconds["read"] = read_s
+    row = write_outputs(seg, image, "scan", out, predictor.task, options, None)
+    total = time.perf_counter() - start
+    stages = row["seconds"]
+
+    from medseg.preprocess import preprocess
+
+    shape = preprocess(predictor.bundle.preprocessing, image[0], image[1])["image"].spatial_shape
+    roi, settings = predictor.bundle.plan.patch_size, predictor.task.inference
+    windows = window_count(shape, roi, predictor.overlap)
+    bare = bare_forward_seconds(predictor.bundle.network, windows, settings.sw_batch_size, roi)
+    return {
+        "scan": {"shape": list(image[0].shape[1:]), "spacing_mm": list(SPACING)},
+        "model_grid": list(shape), "windows": windows, "roi": list(roi), "overlap": predictor.overlap,
+        "sw_batch_size": settings.sw_batch_size,
+        "stages_s": stages, "total_s": round(total, 2),
+        "bare_forward_s": round(bare, 2),
+        "inference_over_bare_forward": round(stages["inference"] / bare, 3),
+        "total_over_bare_forward": round(total / bare, 3),
+    }
+
+
+def bench_stitching(scan: Path, model: Path, repeats: int) -> dict:
+    import torch
+    import torchio as tio
+    from monai.inferers import sliding_window_inference
+
+    from medseg.infer import Predictor
+    from medseg.io import read_image
+    from medseg.preprocess import preprocess
+
+    predictor = Predictor(model, device="cpu")
+    network = predictor.bundle.network
+    volume = preprocess(predictor.bundle.preprocessing, *read_image(scan))["image"].data  # (1, X, Y, Z)
+    roi, overlap = predictor.bundle.plan.patch_size, predictor.overlap
+    batch = predictor.task.inference.sw_batch_size
+
+    def medseg_way():
+        return predictor.logits(volume)
+
+    def monai_default():
+        with torch.inference_mode():
+            return sliding_window_inference(volume[None], roi, 1, network, overlap=overlap, mode="gaussian")[0]
+
+    def monai_batched():
+        with torch.inference_mode():
+            return sliding_window_inference(volume[None], roi, batch, network, overlap=overlap, mode="gaussian")[0]
+
+    def torchio_grid():
+        padding = [p for r, n in zip(roi, volume.shape[1:]) for p in (0, max(0, r - n))]
+        subject = tio.Subject(image=tio.ScalarImage(tensor=torch.nn.functional.pad(volume, padding[::-1],
+                                                                                    mode="replicate")))
+        overlap_voxels = [int(r * overlap) // 2 * 2 for r in roi]
+        sampler = tio.inference.GridSampler(subject, roi, overlap_voxels, padding_mode="edge")
+        aggregator = tio.inference.GridAggregator(sampler, overlap_mode="hann")
+        loader = torch.utils.data.DataLoader(sampler, batch_size=batch)
+        with torch.inference_mode():
+            for patches in loader:
+                aggregator.add_batch(network(patches["image"][tio.DATA]), patches[tio.LOCATION])
+        return aggregator.get_output_tensor()[(slice(None), *(slice(0, n) for n in volume.shape[1:]))]
+
+    ways = {"medseg": medseg_way, "monai_default_sw_batch_1": monai_default,
+            f"monai_sw_batch_{batch}": monai_batched, f"torchio_grid_batch_{batch}": torchio_grid}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    outputs = {}
+    for _ in range(repeats):  # interleaved, so load on the machine hits every variant alike
+        for name, run in ways.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            times[name].append(time.perf_counter() - start)
+    median = {name: round(float(np.median(t)), 2) for name, t in times.items()}
+    reference = outputs["monai_default_sw_batch_1"].float()
+    return {
+        "model_grid": list(volume.shape[1:]), "roi": list(roi), "overlap": overlap, "repeats": repeats,
+        "seconds_median": median,
+        "medseg_speedup_vs": {name: round(median[name] / median["medseg"], 2) for name in ways if name != "medseg"},
+        "max_abs_logit_difference_vs_monai_default": {
+            name: round(float((out.float() - reference).abs().max()), 6) for name, out in outputs.items()
+            if out.shape == reference.shape},
+    }
+
+
+def bench_memory(model: Path, slices: int, folder: Path) -> dict:
+    scan = make_scan(folder / f"scan_{slices}.nii.gz", slices)
+    command = [sys.executable, "-m", "medseg", "predict", str(scan), "-m", str(model), "-o", str(folder / "mem_out"),
+               "--device", "cpu"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return {"scan_shape": [512, 512, slices], "command": "medseg predict SCAN -m MODEL -o OUT --device cpu",
+            "wall_s": round(time.perf_counter() - start, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
+
+
+def bench_resample(model: Path) -> dict:
+    """Dice of both ways back to the input grid, on the sample test cases."""
+    import torch
+
+    from medseg.config import sample_data_dir
+    from medseg.infer import Predictor
+    from medseg.io import read_image, read_label
+    from medseg.metrics import confusion, dice
+    from medseg.preprocess import preprocess
+
+    data = sample_data_dir("prostate")
+    predictor = Predictor(model, device="cpu")
+    scores: dict[str, dict[str, list[float]]] = {"probabilities_trilinear": {}, "argmax_nearest": {}}
+    seconds = {"probabilities_trilinear": 0.0, "argmax_nearest": 0.0}
+    for image_path in sorted((data / "imagesTs").glob("*.nii.gz")):
+        image = read_image(image_path)
+        reference, _ = read_label(data / "labelsTs" / image_path.name)
+        subject = preprocess(predictor.bundle.preprocessing, *image)
+        probabilities = torch.softmax(predictor.logits(subject["image"].data), 0)
+        from medseg.infer import resample_probabilities
+
+        start = time.perf_counter()
+        smooth, _ = resample_probabilities(probabilities, subject["image"].affine, image[1])
+        seconds["probabilities_trilinear"] += time.perf_counter() - start
+        start = time.perf_counter()
+        onehot = torch.nn.functional.one_hot(probabilities.argmax(0), probabilities.shape[0]).permute(3, 0, 1, 2)
+        nearest = nearest_labels(onehot.float(), subject["image"].affine, image[1])
+        seconds["argmax_nearest"] += time.perf_counter() - start
+        for way, labels in (("probabilities_trilinear", smooth), ("argmax_nearest", nearest)):
+            for label_id, organ in predictor.task.label_names.items():
+                tp, fp, fn, _ = confusion(reference == label_id, labels == label_id)
+                scores[way].setdefault(organ, []).append(dice(tp, fp, fn))
+    return {way: {"mean_dice": round(float(np.mean([np.mean(v) for v in organs.values()])), 4),
+                  "dice": {o: round(float(np.mean(v)), 4) for o, v in organs.items()},
+                  "seconds": round(seconds[way], 2)} for way, organs in scores.items()}
+
+
+def nearest_labels(onehot, source_affine, grid):
+    """Argmax on the model grid carried back by nearest neighbour (one-hot resampled, then argmax)."""
+    import SimpleITK as sitk
+
+    from medseg.io import Grid, from_array, to_array
+
+    labels = onehot.argmax(0).numpy().astype(np.uint8)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ source_affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    model_grid = Grid(labels.shape, tuple(spacing.tolist()), tuple(lps[:3, 3].tolist()),
+                      tuple((lps[:3, :3] / spacing).ravel().tolist()))
+    reference = grid.apply_to(sitk.Image(list(grid.shape), sitk.sitkUInt8))
+    out = sitk.Resample(from_array(labels, model_grid), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return to_array(out)
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", default=["e2e", "stitching", "memory"])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--memory-slices", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", type=Path, help="trained run folder (for `resample`)")
+    args = parser.parse_args()
+    result: dict = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                                "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "command": "python benchmarks/bench_predict.py " + " ".join(sys.argv[1:])}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = make_model_folder(tmp / "model")
+        if {"e2e", "stitching"} & set(args.parts):
+            scan = make_scan(tmp / "scan.nii.gz", args.slices)
+        if "e2e" in args.parts:
+            result["e2e"] = bench_e2e(scan, model, tmp / "out")
+            print(json.dumps(result["e2e"]), flush=True)
+        if "stitching" in args.parts:
+            result["stitching"] = bench_stitching(scan, model, args.repeats)
+            print(json.dumps(result["stitching"]), flush=True)
+        if "memory" in args.parts:
+            result["memory"] = bench_memory(model, args.memory_slices, tmp)
+        if "resample" in args.parts:
+            if not args.model:
+                parser.error("resample needs --model RUN_FOLDER (a trained model)")
+            result["resample"] = bench_resample(args.model)
+    text = json.dumps(result, indent=2)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    name = "predict.json" if args.parts != ["resample"] else "predict_resample.json"
+    (RESULTS / name).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Training speed and quality of `medseg train --task prostate` on the bundled sample data.
+
+Two parts, each printing JSON and writing it under benchmarks/results/:
+
+- `steps` (a couple of minutes): seconds per optimisation step, patch voxels per second, and the share
+  of step time spent waiting for the TorchIO queue, with the task's default settings. The pipeline is
+  medseg's own (`load_subject`, `patch_batches`, `build_network`, `make_loss`, the same step code);
+  data time and compute time are clocked separately.
+- `quality` (about 15 minutes): the README's `medseg train --task prostate` exactly as a user runs it,
+  then `medseg predict` and `medseg evaluate` on the four sample test cases; per-organ Dice, wall time.
+
+    python benchmarks/bench_train.py steps [--steps 30]
+    python benchmarks/bench_train.py quality [--out benchmarks/out/quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def bench_steps(steps: int, warmup: int = 3) -> dict:
+    import torch
+    import torchio as tio
+
+    from medseg.config import load_task, sample_data_dir
+    from medseg.datasets import compute_fingerprint, load_dataset
+    from medseg.infer import autocast
+    from medseg.networks import build_network, plan_network
+    from medseg.preprocess import resolve_preprocessing
+    from medseg.train import make_loss, make_optimizer, load_subject, patch_batches
+
+    task = load_task("prostate")
+    cases = load_dataset(sample_data_dir("prostate"))
+    prep = resolve_preprocessing(task, compute_fingerprint(cases, task))
+    plan = plan_network(task.network, 1, task.num_classes, task.patch_size, prep.spacing)
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        subjects = [load_subject(case, prep, task, Path(cache)) for case in cases]
+        preprocess_s = time.perf_counter() - start
+    network = build_network(plan)
+    optimizer = make_optimizer(task, network)
+    loss_fn = make_loss(task, plan)
+    batches = patch_batches(subjects, task, device)
+    network.train()
+    data_s, compute_s = [], []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        image, target = batch["image"][tio.DATA], batch["label"][tio.DATA]
+        t1 = time.perf_counter()
+        with autocast(device):
+            output = network(image)
+            heads = list(torch.unbind(output, 1)) if output.dim() == 6 else output
+            loss = loss_fn(heads, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), task.schedule.grad_clip)
+        optimizer.step()
+        t2 = time.perf_counter()
+        if step >= warmup:
+            data_s.append(t1 - t0)
+            compute_s.append(t2 - t1)
+    step_s = np.add(data_s, compute_s)
+    voxels = task.schedule.batch_size * int(np.prod(task.patch_size))
+    return {
+        "what": "medseg train step on the prostate task defaults (TorchIO Queue + LabelSampler + augmentation, "
+                f"{plan.name} {list(plan.filters)}, patch {list(task.patch_size)}, batch {task.schedule.batch_size}, "
+                f"num_workers {task.sampling.num_workers})",
+        "steps_timed": steps,
+        "preprocess_all_cases_s": round(preprocess_s, 2),
+        "seconds_per_step_median": round(float(np.median(step_s)), 4),
+        "seconds_per_step_mean": round(float(np.mean(step_s)), 4),
+        "data_wait_s_mean": round(float(np.mean(data_s)), 4),
+        "data_wait_share": round(float(np.sum(data_s) / np.sum(step_s)), 4),
+        "voxels_per_s": round(voxels / float(np.mean(step_s))),
+        "patches_per_s": round(task.schedule.batch_size / float(np.mean(step_s)), 2),
+    }
+
+
+def bench_quality(out: Path) -> dict:
+    """The README's command as a user runs it, then predict + evaluate on the sample test cases."""
+    from medseg.config import sample_data_dir
+
+    data = sample_data_dir("prostate")
+    run, predictions, evaluation = out / "run", out / "predictions", out / "evaluation"
+    medseg = [sys.executable, "-m", "medseg"]
+    commands = [
+        [*medseg, "train", "--task", "prostate", "--out", str(run)],
+        [*medseg, "predict", str(data / "imagesTs"), "-m", str(run), "-o", str(predictions), "--no-overlays"],
+        [*medseg, "evaluate", "--pred", str(predictions), "--ref", str(data / "labelsTs"), "--task", "prostate",
+         "-o", str(evaluation)],
+    ]
+    seconds = []
+    for command in commands:
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        seconds.append(round(time.perf_counter() - start, 1))
+    summary = json.loads((evaluation / "summary.json").read_text())
+    organs = [o for o in summary if o != "all"]
+    dice = {o: round(summary[o]["dice"]["mean"], 4) for o in organs}
+    log = (run / "train.log").read_text().strip().splitlines()
+    return {
+        "commands": [" ".join(c).replace(sys.executable, "python") for c in commands],
+        "train_seconds": seconds[0], "predict_seconds": seconds[1], "evaluate_seconds": seconds[2],
+        "epochs_done": sum(1 for line in log if " epoch " in f" {line} " and "step" in line),
+        "test_dice": dice,
+        "test_mean_dice": round(float(np.mean(list(dice.values()))), 4),
+        "test_hd95_mm": {o: round(summary[o]["hd95_mm"]["mean"], 2) for o in organs
+                         if summary[o]["hd95_mm"]["mean"] is not None},
+        "train_log_tail": log[-3:],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["steps", "quality"])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/quality"))
+    args = parser.parse_args()
+    result = {"benchmark": f"train/{args.part}", "machine": machine(),
+              "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:])}
+    if args.part == "steps":
+        result.update(bench_steps(args.steps))
+    else:
+        result.update(bench_quality(args.out))
+    text = json.dumps(result, indent=2)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"train_{args.part}.json").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
