@@ -2,8 +2,12 @@
 
 Three layers, as in nnU-Net: `render_slice` is a pure function from one 2D slice, its labels, the
 colours and the window to an RGB array; `render_view` picks and orients the slices of one view and
-`montage` lays them out with legend and annotations (PIL, imported lazily); `write_overlays` reads,
-checks and writes the PNG files.
+`montage` lays them out with legend and annotations (PIL, imported lazily), `thumbnail` makes the
+review page's one-slice preview; `write_overlays` reads, checks and writes the PNG files.
+
+Slices follow the organs: spread over the slices that hold one, each organ crossed through its
+central half, and with a reference the slices where it and the prediction differ most. The legend
+names each organ with its volume in mL (and, with a reference, the reference volume and the Dice).
 
 Every picture is drawn from a copy of the scan whose voxel axes point to the patient's Left, Posterior
 and Superior (`canonical`: the nearest axis-aligned orientation, as `sitk.DICOMOrient(image, "LPS")`,
@@ -43,6 +47,7 @@ LEGEND_COLUMNS = 3  # organs per legend row: room for "name: volume (ref volume)
 TILES = 8  # slices per view
 DISAGREEMENT_TILES = 2  # of TILES, with a reference: the slices where reference and prediction differ most
 MAX_TILE_HEIGHT = 560  # px: long coronal/sagittal tiles shrink so that two rows fit on a screen
+THUMB_SIZE = (360, 300)  # px, (width, height) at most: the review page's thumbnail, one axial slice
 MARGIN_MM = 20.0  # tissue shown around the organs' bounding box
 FILL_ALPHA = 0.25  # opacity of the prediction's fill; its outline is opaque
 DASH_PX = 8  # length of the reference outline's dashes
@@ -233,17 +238,19 @@ def _extents(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
 
 
 def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
-                  reference: np.ndarray | None = None) -> list[tuple[int, str]]:
-    """Slices to show along `axis` of (X, Y, Z) label maps, as sorted (index, note) pairs.
+                  reference: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Slices to show along `axis` of (X, Y, Z) label maps, as sorted (index, differing voxels) pairs.
 
-    With a reference, the DISAGREEMENT_TILES slices where more voxels differ than anywhere else come
-    first; the rest are spread evenly over the organs' extent, and an organ that no slice crosses gets
-    one through its centre. Without any organ, the slices spread over the whole volume.
+    With a reference, the DISAGREEMENT_TILES slices where more voxels differ than anywhere else are
+    chosen first and carry their count of differing voxels (the other slices carry 0). The rest are
+    spread evenly over the slices that hold an organ; an organ whose central half no slice crosses
+    gets one through its centre, so that no organ is shown only by a sliver at its edge. Without
+    any organ, the slices spread over the whole volume.
     """
     boxes = [_extents(prediction)] + ([_extents(reference)] if reference is not None else [])
     spans = [(box[axis].start, box[axis].stop - 1) for found in boxes for box in found.values()]
     low, high = (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else (0, prediction.shape[axis] - 1)
-    picks: dict[int, str] = {}
+    picks: dict[int, int] = {}
     if reference is not None:
         others = tuple(a for a in range(3) if a != axis)
         differs = np.count_nonzero(prediction != reference, axis=others)
@@ -252,15 +259,17 @@ def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
             if len(picks) == DISAGREEMENT_TILES or differs[index] == 0:
                 break
             if all(abs(int(index) - p) >= apart for p in picks):
-                picks[int(index)] = f"largest disagreement: {differs[index]:,} voxels"
+                picks[int(index)] = int(differs[index])
     # spread over the slices that hold an organ, so that no tile falls in a gap between organs
     present = sorted(set().union(*(range(a, b + 1) for a, b in spans))) or list(range(low, high + 1))
     slots = max(count - len(picks), 0)
     spread = [present[min(int(len(present) * (i + 0.5) / slots), len(present) - 1)] for i in range(slots)]
     locked: set[int] = set()
     for start, stop in sorted(spans, key=lambda s: s[1] - s[0]):  # small organs first: they are easiest to miss
-        hits = [i for i, s in enumerate(spread) if start <= s <= stop]
-        if any(start <= p <= stop for p in picks) or hits:
+        quarter = (stop - start) // 4
+        core = (start + quarter, stop - quarter)
+        hits = [i for i, s in enumerate(spread) if core[0] <= s <= core[1]]
+        if any(core[0] <= p <= core[1] for p in picks) or hits:
             locked.update(hits[:1])
             continue
         free = [i for i in range(len(spread)) if i not in locked]
@@ -268,7 +277,7 @@ def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
             nearest = min(free, key=lambda i: abs(spread[i] - (start + stop) // 2))
             spread[nearest] = (start + stop) // 2
             locked.add(nearest)
-    chosen = {s: "" for s in spread} | picks
+    chosen = {s: 0 for s in spread} | picks
     return sorted(chosen.items())
 
 
@@ -284,20 +293,28 @@ def _crop(labels: Sequence[np.ndarray], spacing: Sequence[float]) -> tuple[slice
 
 def render_view(image: np.ndarray, prediction: np.ndarray, grid: Grid, view: View, colors: Mapping[int, Color],
                 window: tuple[float, float], reference: np.ndarray | None = None) -> list[Tile]:
-    """The tiles of one view of canonical (L, P, S) arrays on `grid` (see `canonical`), all of one size."""
+    """The tiles of one view of canonical (L, P, S) arrays on `grid` (see `canonical`), all of one size.
+
+    Tiles run in reading order as a radiologist scrolls: axial head to feet, coronal front to back,
+    sagittal right to left.
+    """
     crop = _crop([prediction] + ([reference] if reference is not None else []), grid.spacing)
     slices = choose_slices(prediction, view.axis, reference=reference)
-    slices = [(i, note) for i, note in slices if crop[view.axis].start <= i < crop[view.axis].stop]
+    slices = [(i, n) for i, n in slices if crop[view.axis].start <= i < crop[view.axis].stop]
+    if view.axis == 2:
+        slices.reverse()  # canonical k runs towards Superior
     spacing = view_spacing(grid.spacing, view)
     picture = view_slice(image[crop], view, 0).shape
     cell = (WIDTH - (COLUMNS + 1) * GAP) // COLUMNS
     pixel_mm = max(picture[1] * spacing[1] / cell, picture[0] * spacing[0] / MAX_TILE_HEIGHT)
     tiles = []
-    for index, note in slices:
+    for index, differing in slices:
         local = index - crop[view.axis].start
         ref2d = view_slice(reference[crop], view, local) if reference is not None else None
         rgb = render_slice(view_slice(image[crop], view, local), view_slice(prediction[crop], view, local),
                            colors, window, spacing, reference2d=ref2d, pixel_mm=pixel_mm)
+        area_cm2 = differing * spacing[0] * spacing[1] / 100  # "cm2": the default font has no superscript two
+        note = f"largest disagreement: {area_cm2:.1f} cm2" if differing else ""
         tiles.append(Tile(rgb, _position(grid, view.axis, index), note))
     return tiles
 
@@ -343,18 +360,56 @@ def montage(tiles: Sequence[Tile], view: View, title: str, notes: Sequence[str],
         x, yy = GAP + (i % LEGEND_COLUMNS) * (WIDTH // LEGEND_COLUMNS), y + (i // LEGEND_COLUMNS) * 26
         draw.rectangle((x, yy + 2, x + 16, yy + 18), fill=tuple(color), outline=(255, 255, 255))
         draw.text((x + 24, yy), text, font=small, fill=(255, 255, 255))
-    letter_font = _font(20)
     for i, tile in enumerate(tiles):
         h, w = tile.rgb.shape[:2]
         x0 = GAP + (i % COLUMNS) * (cell + GAP) + (cell - w) // 2
         y0 = header + (i // COLUMNS) * (tile_h + GAP)
         canvas.paste(Image.fromarray(tile.rgb), (x0, y0))
-        top, bottom, left, right = view.edges
-        for letter, (fx, fy) in ((top, (0.5, 0)), (bottom, (0.5, 1)), (left, (0, 0.5)), (right, (1, 0.5))):
-            _text(draw, (x0 + 3 + fx * (w - 6), y0 + 3 + fy * (h - 6)), letter, letter_font, (255, 255, 0), (fx, fy))
-        _text(draw, (x0 + 4, y0 + 4), tile.position, small, (255, 255, 255), (0, 0))
-        if tile.note:
-            _text(draw, (x0 + 4, y0 + 26), tile.note, small, (255, 130, 130), (0, 0))
+        _annotate(draw, (x0, y0), tile, view, _font(20), small)
+    return np.asarray(canvas)
+
+
+def _annotate(draw, corner: tuple[int, int], tile: Tile, view: View, letter_font, font) -> None:
+    """Orientation letters on a tile's edges, its position top left and its note below that."""
+    (x0, y0), (h, w) = corner, tile.rgb.shape[:2]
+    top, bottom, left, right = view.edges
+    for letter, (fx, fy) in ((top, (0.5, 0)), (bottom, (0.5, 1)), (left, (0, 0.5)), (right, (1, 0.5))):
+        _text(draw, (x0 + 3 + fx * (w - 6), y0 + 3 + fy * (h - 6)), letter, letter_font, (255, 255, 0), (fx, fy))
+    _text(draw, (x0 + 4, y0 + 4), tile.position, font, (255, 255, 255), (0, 0))
+    if tile.note:
+        _text(draw, (x0 + 4, y0 + 8 + font.size), tile.note, font, (255, 130, 130), (0, 0))
+
+
+def thumbnail(image: np.ndarray, prediction: np.ndarray, grid: Grid, colors: Mapping[int, Color],
+              window: tuple[float, float], reference: np.ndarray | None = None) -> np.ndarray:
+    """One annotated axial tile of canonical arrays, at most THUMB_SIZE: the review page's thumbnail.
+
+    The slice is where prediction and reference differ most, else where the organs cover most
+    pixels, else the middle of the scan: the one slice a reviewer should see first.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    from PIL import Image, ImageDraw
+
+    view = VIEWS[0]
+    labels = [prediction] + ([reference] if reference is not None else [])
+    crop = _crop(labels, grid.spacing)
+    inside = [a[crop] for a in labels]
+    differs = inside[0] != inside[1] if reference is not None else np.zeros(inside[0].shape, bool)
+    where = differs if differs.any() else np.logical_or.reduce([a > 0 for a in inside])
+    area = np.count_nonzero(where, axis=(0, 1))
+    local = int(np.argmax(area)) if area.any() else area.size // 2
+    spacing = view_spacing(grid.spacing, view)
+    picture = view_slice(image[crop], view, local)
+    pixel_mm = max(picture.shape[1] * spacing[1] / THUMB_SIZE[0], picture.shape[0] * spacing[0] / THUMB_SIZE[1])
+    rgb = render_slice(picture, view_slice(inside[0], view, local), colors, window, spacing,
+                       reference2d=view_slice(inside[1], view, local) if reference is not None else None,
+                       pixel_mm=pixel_mm)
+    note = "largest disagreement" if differs.any() else ""
+    canvas = Image.fromarray(rgb)
+    _annotate(ImageDraw.Draw(canvas), (0, 0), Tile(rgb, _position(grid, 2, crop[2].start + local), note), view,
+              _font(16), _font(13))
     return np.asarray(canvas)
 
 
@@ -386,8 +441,12 @@ def _window(task: Task, image: np.ndarray) -> tuple[tuple[float, float], str]:
     return ((low + high) / 2, max(high - low, 1e-6)), "window: 0.5-99.5th percentile of the scan"
 
 
-def _legend(task: Task, prediction: np.ndarray, reference: np.ndarray | None, voxel_ml: float):
-    """Colours, legend lines and mean Dice (NaN without a reference) of every organ of the task and mask."""
+def legend_entries(task: Task, prediction: np.ndarray, reference: np.ndarray | None, voxel_ml: float):
+    """Colours, legend lines and mean Dice (NaN without a reference) of every organ of the task and mask.
+
+    Returns:
+        ({label: RGB}, [(RGB, "organ: 12.3 mL (ref 11.9), Dice 0.93")], mean Dice).
+    """
     names = task.label_names
     colors = {label.id: label.color for label in task.labels}
     pred_counts = np.bincount(prediction.ravel(), minlength=256)
@@ -410,7 +469,7 @@ def _legend(task: Task, prediction: np.ndarray, reference: np.ndarray | None, vo
 
 
 def write_overlays(image, mask, task: Task, out: str | Path, reference=None, case: str | None = None) -> list[Path]:
-    """Write `<case>_axial.png`, `<case>_coronal.png` and `<case>_sagittal.png` into `out`.
+    """Write `<case>_axial.png`, `<case>_coronal.png`, `<case>_sagittal.png` and `<case>_thumb.png` into `out`.
 
     Args:
         image: scan path, or (array (X, Y, Z) or (C, X, Y, Z), Grid) already in memory.
@@ -421,7 +480,7 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
         case: file name prefix; default the scan's file name without suffix.
 
     Returns:
-        The three PNG paths (written atomically).
+        The four PNG paths (written atomically): the three montages, then the thumbnail.
     """
     volume, grid, image_name = _load(image, "image", labels=False)
     prediction, mask_grid, mask_name = _load(mask, "mask", labels=True)
@@ -432,7 +491,7 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
         if not grid.matches(other):
             raise InputError(f"{name} ({other.describe()}) is not on the grid of {image_name} ({grid.describe()})")
     case = case or (case_name(image) if isinstance(image, (str, Path)) else "case")
-    colors, legend, mean_dice = _legend(task, prediction, ref, grid.voxel_volume_ml)
+    colors, legend, mean_dice = legend_entries(task, prediction, ref, grid.voxel_volume_ml)
     volume_c, grid_c = canonical(volume, grid)
     prediction_c = canonical(prediction, grid)[0]
     ref_c = canonical(ref, grid)[0] if ref is not None else None
@@ -445,14 +504,17 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
         notes.append("oblique scan: shown in its nearest axis-aligned orientation, not resliced")
     if not prediction.any():
         notes.append("no organ in the mask" + ("" if ref is None or not ref.any() else " (reference has organs)"))
-    from PIL import Image
-
-    paths = []
+    pictures = {}
     for view in VIEWS:
         tiles = render_view(volume_c, prediction_c, grid_c, view, colors, window, reference=ref_c)
-        picture = montage(tiles, view, f"{case} - {view.name}, {view.caption}", notes, legend)
-        path = Path(out) / f"{case}_{view.name}.png"
-        with atomic_path(path) as tmp:
-            Image.fromarray(picture).save(tmp, format="PNG", compress_level=6)
-        paths.append(path)
-    return paths
+        pictures[view.name] = montage(tiles, view, f"{case} - {view.name}, {view.caption}", notes, legend)
+    pictures["thumb"] = thumbnail(volume_c, prediction_c, grid_c, colors, window, reference=ref_c)
+    return [_write_png(picture, Path(out) / f"{case}_{name}.png") for name, picture in pictures.items()]
+
+
+def _write_png(rgb: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=6)
+    return path
