@@ -105,30 +105,38 @@ def rows_in(dom: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def predictions(tmp_path_factory) -> Path:
-    """An output folder as `medseg predict --reference` leaves it: three cases' overlays, worst 'poor'."""
+    """An output folder as `medseg predict --reference` leaves it, from `write_outputs` with three masks.
+
+    The masks are the reference less some organs: 'good' misses none (mean Dice 1), 'fair' the rectum
+    (0.8), 'poor' the rectum and both femoral heads (0.4). No model is trained.
+    """
     from medseg.config import load_task
-    from medseg.io import write_image
-    from medseg.metrics import dice
-    from medseg.overlay import write_overlays
+    from medseg.infer import Segmentation
+    from medseg.io import write_label_map
+    from medseg.predict import PredictOptions, write_outputs
 
     task = load_task("prostate")
     out = tmp_path_factory.mktemp("predictions")
     grid = make_grid("RAS", shape=(32, 28, 12), spacing=(1.5, 1.5, 4.0))
+    image, reference = blob_case(grid)
     rows = []
     for name, missed in (("good", ()), ("poor", (3, 4, 5)), ("fair", (3,))):
-        image, reference = blob_case(grid)
-        image_path = write_image(image, grid, out / "scans" / f"{name}.nii.gz")
+        reference_path = write_label_map(reference, grid, out / "references" / f"{name}.nii.gz")
         prediction = np.where(np.isin(reference, missed), 0, reference).astype(np.uint8)
-        paths = write_overlays(image_path, (prediction, grid), task, out, reference=(reference, grid), case=name)
-        scores, volumes = {}, {}
-        for label in task.labels:
-            pred, ref = prediction == label.id, reference == label.id
-            tp = int(np.count_nonzero(pred & ref))
-            scores[label.name] = dice(tp, int(pred.sum()) - tp, int(ref.sum()) - tp)
-            volumes[label.name] = float(pred.sum() * grid.voxel_volume_ml)
-        rows.append({"case": name, "volumes_ml": volumes, "dice": scores, "overlays": [p.name for p in paths]})
+        seg = Segmentation(prediction, grid, task.label_names)
+        rows.append(write_outputs(seg, (image[None], grid), name, out, task, PredictOptions(), reference_path))
     write_review_page(out, rows)
     return out
+
+
+def test_predict_writes_overlays_viewer_files_and_a_row_for_the_review_page(predictions):
+    names = {p.name for p in predictions.iterdir() if p.name.startswith("poor")}
+    expected = {"poor_seg.nii.gz", "poor.seg.nrrd", "poor_itksnap_labels.txt", "poor_volumes.json",
+                "poor_axial.png", "poor_coronal.png", "poor_sagittal.png", "poor_thumb.png"}
+    assert expected <= names
+    page = (predictions / "review.html").read_text()
+    assert rows_in(page) == ["poor", "fair", "good"]
+    assert '<td class="num poor" data-value="0.4">0.400</td>' in page  # mean Dice of 'poor', shaded red
 
 
 @needs_chromium
