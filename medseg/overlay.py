@@ -5,9 +5,11 @@ colours and the window to an RGB array; `render_view` picks and orients the slic
 `montage` lays them out with legend and annotations (PIL, imported lazily), `thumbnail` makes the
 review page's one-slice preview; `write_overlays` reads, checks and writes the PNG files.
 
-Slices follow the organs: spread over the slices that hold one, each organ crossed through its
-central half, and with a reference the slices where it and the prediction differ most. The legend
-names each organ with its volume in mL (and, with a reference, the reference volume and the Dice).
+Slices follow the organs: spread over the slices that hold one, denser where organs meet, each organ
+crossed through its central half, and with a reference the slices where it and the prediction differ
+most. Tiles run as a radiologist scrolls (axial head to feet, coronal front to back, sagittal right
+to left). The legend names each organ with its volume in mL (and, with a reference, the reference
+volume and the Dice).
 
 Every picture is drawn from a copy of the scan whose voxel axes point to the patient's Left, Posterior
 and Superior (`canonical`: the nearest axis-aligned orientation, as `sitk.DICOMOrient(image, "LPS")`,
@@ -243,9 +245,9 @@ def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
 
     With a reference, the DISAGREEMENT_TILES slices where more voxels differ than anywhere else are
     chosen first and carry their count of differing voxels (the other slices carry 0). The rest are
-    spread evenly over the slices that hold an organ; an organ whose central half no slice crosses
-    gets one through its centre, so that no organ is shown only by a sliver at its edge. Without
-    any organ, the slices spread over the whole volume.
+    spread over the slices that hold an organ, denser where more organs meet; an organ whose central
+    half no slice crosses gets one through its centre, so that no organ is shown only by a sliver at
+    its edge. Without any organ, the slices spread evenly over the whole volume.
     """
     boxes = [_extents(prediction)] + ([_extents(reference)] if reference is not None else [])
     spans = [(box[axis].start, box[axis].stop - 1) for found in boxes for box in found.values()]
@@ -260,10 +262,26 @@ def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
                 break
             if all(abs(int(index) - p) >= apart for p in picks):
                 picks[int(index)] = int(differs[index])
-    # spread over the slices that hold an organ, so that no tile falls in a gap between organs
-    present = sorted(set().union(*(range(a, b + 1) for a, b in spans))) or list(range(low, high + 1))
+    # Spread in proportion to how many organs each slice crosses: no tile falls in a gap between organs,
+    # and where organs meet (the pelvic midline, seen sagittally) gets more tiles than one organ alone.
+    weight = np.zeros(prediction.shape[axis])
+    for start, stop in spans:
+        weight[start:stop + 1] += 1
+    if not spans:
+        weight[:] = 1
     slots = max(count - len(picks), 0)
-    spread = [present[min(int(len(present) * (i + 0.5) / slots), len(present) - 1)] for i in range(slots)]
+    cumulative = np.cumsum(weight)
+    targets = np.searchsorted(cumulative, (np.arange(slots) + 0.5) / slots * cumulative[-1], side="right")
+    candidates = np.flatnonzero(weight).tolist()
+    gap = max(1, len(candidates) // (2 * count))  # tiles closer than this would show nearly the same picture
+    taken, spread = list(picks), []
+    for target in targets:
+        free = ([c for c in candidates if all(abs(c - t) >= gap for t in taken)]
+                or [c for c in candidates if c not in taken])
+        if not free:
+            break
+        spread.append(min(free, key=lambda c: abs(c - target)))
+        taken.append(spread[-1])
     locked: set[int] = set()
     for start, stop in sorted(spans, key=lambda s: s[1] - s[0]):  # small organs first: they are easiest to miss
         quarter = (stop - start) // 4

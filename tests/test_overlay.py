@@ -175,6 +175,24 @@ def test_an_organ_crossed_only_at_its_edge_gets_a_slice_through_its_centre():
     assert any(32 <= s <= 37 for s in chosen), chosen
 
 
+def test_slices_are_denser_where_more_organs_meet():
+    labels = np.zeros((50, 4, 4), np.uint8)
+    labels[0:10, 0, 0] = 1  # one organ on each side, three across the middle: a sagittal pelvis
+    labels[20:30, 1, 1], labels[20:30, 2, 2], labels[20:30, 3, 3] = 2, 3, 4
+    labels[40:50, 0, 0] = 5
+    assert [s for s, _ in choose_slices(labels, 0, count=5)] == [5, 21, 25, 28, 45]
+
+
+def test_spread_slices_keep_clear_of_the_disagreement_slices():
+    prediction = np.zeros((4, 4, 40), np.uint8)
+    prediction[1:3, 1:3, :] = 1
+    reference = prediction.copy()
+    reference[0, 0, [14, 25]] = 1  # the even spread alone would take 15 and 25
+    chosen = [s for s, _ in choose_slices(prediction, 2, count=4, reference=reference)]
+    assert len(chosen) == 4 and 14 in chosen and 25 in chosen
+    assert min(np.diff(chosen)) >= 40 // 8
+
+
 def test_empty_mask_still_gives_slices_over_the_whole_volume():
     chosen = choose_slices(np.zeros((4, 4, 40), np.uint8), 2, count=4)
     assert [s for s, _ in chosen] == [5, 15, 25, 35]

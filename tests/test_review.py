@@ -46,9 +46,12 @@ def test_without_dice_cases_with_empty_organs_come_first():
 
 
 @pytest.mark.parametrize("bad, match", [
-    pytest.param({"volumes_ml": {}}, r"review case #0 must be a mapping with a non-empty 'case' name", id="no-name"),
-    pytest.param({"case": "c", "dice": [0.5]}, r"review case 'c': 'dice' must map organ names to numbers", id="dice-list"),
-    pytest.param({"case": "c", "overlays": "c_axial.png"}, r"'overlays' must be a list of PNG paths", id="overlays-str"),
+    pytest.param({"volumes_ml": {}}, r"review case #0 must be a mapping with a non-empty 'case' name",
+                 id="no-name"),
+    pytest.param({"case": "c", "dice": [0.5]}, r"review case 'c': 'dice' must map organ names to numbers",
+                 id="dice-list"),
+    pytest.param({"case": "c", "overlays": "c_axial.png"}, r"'overlays' must be a list of PNG paths",
+                 id="overlays-str"),
 ])
 def test_malformed_cases_are_input_errors(bad, match):
     with pytest.raises(InputError, match=match):
