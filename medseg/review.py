@@ -87,6 +87,12 @@ def _cell(value: float, digits: int, shade: bool = False) -> str:
     return f'<td class="num{grade}" data-value="{value!r}">{value:.{digits}f}</td>'
 
 
+def _header(title: str) -> str:
+    """A column title that wraps: organ name above its unit, long names broken after underscores."""
+    words = [html.escape(w).replace("_", "_<wbr>") for w in title.split(" ")]
+    return " ".join(words[:-1]) + "<br>" + words[-1] if len(words) > 1 else words[0]
+
+
 def _overlay_cell(name: str, overlays: Sequence[str | Path], out: Path) -> str:
     """The thumbnail (`*_thumb.png`, else the axial montage) linking to the axial montage, and a link per montage."""
     esc = html.escape
@@ -121,7 +127,7 @@ def render_page(rows: Sequence[Mapping], out: Path) -> str:
     initial = "mean_dice" if with_dice else "rank"  # the column whose order the rows are in
     head = "".join(
         f'<th data-key="{esc(key)}" data-type="{kind}"{" tabindex=0" if kind else ""}'
-        f'{" aria-sort=ascending" if key == initial else ""}>{esc(title)}</th>'
+        f'{" aria-sort=ascending" if key == initial else ""}>{_header(title)}</th>'
         for key, title, kind in columns)
     body = []
     for rank, row in enumerate(rows, start=1):
@@ -240,7 +246,7 @@ _PAGE = """<!DOCTYPE html>
   body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1em; color: #111; background: #fafafa; }}
   table {{ border-collapse: collapse; background: #fff; }}
   th, td {{ border: 1px solid #ddd; padding: 4px 8px; vertical-align: middle; }}
-  th {{ position: sticky; top: 0; background: #eee; white-space: nowrap; }}
+  th {{ position: sticky; top: 0; background: #eee; }}
   th[data-type]:not([data-type=""]) {{ cursor: pointer; }}
   th[aria-sort="ascending"]::after {{ content: " \\25B2"; }}
   th[aria-sort="descending"]::after {{ content: " \\25BC"; }}
@@ -249,6 +255,7 @@ _PAGE = """<!DOCTYPE html>
   td.poor {{ background: #f8c9c4; }} td.fair {{ background: #fbe3b4; }} td.good {{ background: #d3efd5; }}
   img.thumb {{ max-height: 200px; max-width: 360px; display: block; }}
   td.empty, .missing {{ color: #a00; font-weight: 600; }}
+  td.empty {{ max-width: 14em; }}
   .links a {{ margin-right: .6em; }}
 </style>
 </head>
