@@ -139,7 +139,7 @@ def overlay(
     task: str = typer.Option("prostate", "--task", "-t", help="Task name or file, for organ names and colours."),
     out: Path = typer.Option(Path("overlays"), "--out", "-o", help="Output folder for the PNGs."),
 ) -> None:
-    """Draw axial, coronal and sagittal overlay montages of a mask on its scan."""
+    """Draw axial, coronal and sagittal overlay montages (and a thumbnail) of a mask on its scan."""
     from medseg.config import load_task
     from medseg.overlay import write_overlays
 

@@ -1,7 +1,8 @@
 """`medseg predict`: many scans through one model, each written completely or not at all.
 
-For each scan: `<case>_seg.nii.gz` on the scan's exact grid, `<case>_volumes.json`, overlay PNGs, a 3D
-Slicer `.seg.nrrd` and ITK-SNAP labels; optionally probability maps and, with a reference, metrics.
+For each scan: `<case>_seg.nii.gz` on the scan's exact grid, `<case>_volumes.json`, overlay PNGs (three
+montages and a thumbnail), a 3D Slicer `.seg.nrrd` and ITK-SNAP labels; optionally probability maps and,
+with a reference, metrics. Then `summary.json` and `review.html` for all cases.
 A bad scan is reported and skipped; the others still run; the exit code says whether any failed.
 """
 
@@ -76,10 +77,11 @@ def write_outputs(seg: Segmentation, image, case: str, out: Path, task, options:
     write_viewer_files(seg.labels, seg.grid, task.labels, out, case)
     seconds["write"] = time.perf_counter() - start
     row = {"case": case, "volumes_ml": {k: v["volume_ml"] for k, v in seg.volumes().items()}, "overlays": []}
+    ref_labels = None
     if reference is not None:
         from medseg.evaluate import evaluate_case, write_report
 
-        ref_labels, ref_grid = reference_map = read_label(reference)
+        ref_labels, ref_grid = read_label(reference)
         if not ref_grid.matches(seg.grid):
             raise InputError(f"reference {reference} is not on the grid of the scan ({seg.grid.describe()})")
         rows = evaluate_case(ref_labels, seg.labels, seg.grid.spacing, seg.organs, case=case)
@@ -89,8 +91,8 @@ def write_outputs(seg: Segmentation, image, case: str, out: Path, task, options:
         from medseg.overlay import write_overlays
 
         start = time.perf_counter()
-        paths = write_overlays(image, (seg.labels, seg.grid), task, out,
-                               reference=reference_map if reference is not None else None, case=case)
+        ref = (ref_labels, seg.grid) if ref_labels is not None else None
+        paths = write_overlays(image, (seg.labels, seg.grid), task, out, reference=ref, case=case)
         row["overlays"] = [p.name for p in paths]
         seconds["overlays"] = time.perf_counter() - start
     row["seconds"] = {k: round(v, 3) for k, v in seconds.items()}

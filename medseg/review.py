@@ -3,8 +3,12 @@
 `review.html` is one self-contained file (inline CSS and JS, no CDN, no server): it opens from
 `file://`, and a Content-Security-Policy forbids any network access. Overlay PNGs are referenced
 relative to the page, so the output folder can be moved or zipped as a whole. The table is built as
-data first (`review_rows`), then written (`render_page`); the script only sorts rows when a column
-header is clicked (or the URL ends in `#sort=KEY` / `#sort=-KEY`) and marks the table `data-ready`.
+data first (`review_rows`), then written (`render_page`). The inline script sorts the rows when a
+column header is clicked (or the URL ends in `#sort=KEY` / `#sort=-KEY`), replaces a thumbnail whose
+PNG is missing by a note (and reports it on the console), and marks the table `data-ready`.
+
+Worst first means: with references, the lowest mean Dice first; without, the cases with the most
+empty organs (0 mL: the model found nothing there) first; then by name.
 """
 
 from __future__ import annotations
@@ -46,14 +50,19 @@ def mean_dice(case: Mapping) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def empty_organs(case: Mapping) -> list[str]:
+    """Organs of a case with no voxel in the mask (volume 0 mL)."""
+    return [organ for organ, ml in (case.get("volumes_ml") or {}).items() if _number(ml) == 0]
+
+
 def review_rows(cases: Sequence[Mapping]) -> list[Mapping]:
-    """Cases worst first: lowest mean Dice first, cases without Dice after them, ties by name."""
+    """Cases worst first: lowest mean Dice first, then cases without Dice, most empty organs first; ties by name."""
     for position, case in enumerate(cases):
         _check(case, position)
 
     def worst_first(case: Mapping) -> tuple:
         score = mean_dice(case)
-        return math.isnan(score), 0.0 if math.isnan(score) else score, case["case"]
+        return math.isnan(score), 0.0 if math.isnan(score) else score, -len(empty_organs(case)), case["case"]
 
     return sorted(cases, key=worst_first)
 
@@ -78,6 +87,26 @@ def _cell(value: float, digits: int, shade: bool = False) -> str:
     return f'<td class="num{grade}" data-value="{value!r}">{value:.{digits}f}</td>'
 
 
+def _header(title: str) -> str:
+    """A column title that wraps: organ name above its unit, long names broken after underscores."""
+    words = [html.escape(w).replace("_", "_<wbr>") for w in title.split(" ")]
+    return " ".join(words[:-1]) + "<br>" + words[-1] if len(words) > 1 else words[0]
+
+
+def _overlay_cell(name: str, overlays: Sequence[str | Path], out: Path) -> str:
+    """The thumbnail (`*_thumb.png`, else the axial montage) linking to the axial montage, and a link per montage."""
+    esc = html.escape
+    montages = [p for p in overlays if _view_name(p) != "thumb"]
+    thumb = next((p for p in overlays if _view_name(p) == "thumb"),
+                 next((p for p in montages if _view_name(p) == "axial"), montages[0] if montages else None))
+    if thumb is None:
+        return "<td>no overlay</td>"
+    target = next((p for p in montages if _view_name(p) == "axial"), thumb)
+    links = " ".join(f'<a href="{esc(_href(p, out))}">{esc(_view_name(p))}</a>' for p in montages)
+    return (f'<td><a href="{esc(_href(target, out))}"><img class="thumb" src="{esc(_href(thumb, out))}" '
+            f'alt="overlay of {esc(name)}" loading="lazy"></a><div class="links">{links}</div></td>')
+
+
 def render_page(rows: Sequence[Mapping], out: Path) -> str:
     """The HTML text of the review page for cases already in display order."""
     esc = html.escape
@@ -90,34 +119,31 @@ def render_page(rows: Sequence[Mapping], out: Path) -> str:
     columns = [("rank", "#", "number"), ("case", "Case", "text"), ("overlay", "Overlay", "")]
     if with_dice:
         columns.append(("mean_dice", "Mean Dice", "number"))
+    columns.append(("empty", "Empty organs", "number"))
     for organ in organs:
         columns.append((f"ml:{organ}", f"{organ} mL", "number"))
         if with_dice:
             columns.append((f"dice:{organ}", f"{organ} Dice", "number"))
+    initial = "mean_dice" if with_dice else "rank"  # the column whose order the rows are in
     head = "".join(
-        f'<th data-key="{esc(key)}" data-type="{kind}"{" tabindex=0" if kind else ""}>{esc(title)}</th>'
+        f'<th data-key="{esc(key)}" data-type="{kind}"{" tabindex=0" if kind else ""}'
+        f'{" aria-sort=ascending" if key == initial else ""}>{_header(title)}</th>'
         for key, title, kind in columns)
     body = []
     for rank, row in enumerate(rows, start=1):
         name = row["case"]
-        overlays = [p for p in row.get("overlays") or []]
-        thumb = next((p for p in overlays if _view_name(p) == "axial"), overlays[0] if overlays else None)
-        if thumb is None:
-            overlay = "<td>no overlay</td>"
-        else:
-            links = " ".join(f'<a href="{esc(_href(p, out))}">{esc(_view_name(p))}</a>' for p in overlays)
-            overlay = (f'<td><a href="{esc(_href(thumb, out))}"><img class="thumb" src="{esc(_href(thumb, out))}" '
-                       f'alt="{esc(_view_name(thumb))} overlay of {esc(name)}" loading="lazy"></a>'
-                       f'<div class="links">{links}</div></td>')
-        cells = [f'<td class="num" data-value="{rank}">{rank}</td>', f'<td class="name">{esc(name)}</td>', overlay]
+        empty = empty_organs(row)
+        cells = [f'<td class="num" data-value="{rank}">{rank}</td>', f'<td class="name">{esc(name)}</td>',
+                 _overlay_cell(name, row.get("overlays") or [], out)]
         if with_dice:
             cells.append(_cell(mean_dice(row), 3, shade=True))
+        cells.append(f'<td data-value="{len(empty)}"{" class=empty" if empty else ""}>{esc(", ".join(empty))}</td>')
         for organ in organs:
             cells.append(_cell(_number((row.get("volumes_ml") or {}).get(organ)), 1))
             if with_dice:
                 cells.append(_cell(_number((row.get("dice") or {}).get(organ)), 3, shade=True))
         body.append(f'<tr data-case="{esc(name)}">{"".join(cells)}</tr>')
-    order = "lowest mean Dice first" if with_dice else "by name"
+    order = "lowest mean Dice first" if with_dice else "most empty organs first, then by name"
     return _PAGE.format(count=len(rows), order=order, head=head, body="\n".join(body),
                         dice_note="" if not with_dice else
                         f" Dice shading: red &lt; {POOR:.2f} &le; amber &lt; {FAIR:.2f} &le; green.",
@@ -131,7 +157,7 @@ def write_review_page(out: str | Path, cases: list[dict]) -> Path:
         out: output folder (the overlays' paths are relative to it).
         cases: one dict per case: `case` (name), `volumes_ml` ({organ: mL}), optional `dice`
             ({organ: value}, NaN for organs absent from both masks) and `overlays` (PNG paths,
-            relative to `out`; the one ending in `_axial.png` is the thumbnail).
+            relative to `out`; the one ending in `_thumb.png`, else `_axial.png`, is the thumbnail).
 
     Returns:
         The page's path.
@@ -183,6 +209,22 @@ _SCRIPT = """
     head.addEventListener("click", function () { clicked(col); });
     head.addEventListener("keydown", function (event) { if (event.key === "Enter") { clicked(col); } });
   });
+  function missing(img) {
+    img.setAttribute("data-state", "missing");
+    var note = document.createElement("span");
+    note.className = "missing";
+    note.textContent = "overlay not found: " + img.getAttribute("src");
+    img.parentNode.replaceChild(note, img);
+    console.error("medseg review: overlay not found: " + img.src);
+  }
+  Array.prototype.forEach.call(table.querySelectorAll("img.thumb"), function (img) {
+    if (img.complete) {
+      if (img.naturalWidth === 0) { missing(img); } else { img.setAttribute("data-state", "loaded"); }
+      return;
+    }
+    img.addEventListener("load", function () { img.setAttribute("data-state", "loaded"); });
+    img.addEventListener("error", function () { missing(img); });
+  });
   var match = /^#sort=(-?)(.+)$/.exec(location.hash);
   if (match) {
     var col = keyed(decodeURIComponent(match[2]));
@@ -197,21 +239,23 @@ _PAGE = """<!DOCTYPE html>
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy"
-      content="default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+      content="default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>medseg review: {count} cases</title>
 <style>
   body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1em; color: #111; background: #fafafa; }}
   table {{ border-collapse: collapse; background: #fff; }}
   th, td {{ border: 1px solid #ddd; padding: 4px 8px; vertical-align: middle; }}
-  th {{ position: sticky; top: 0; background: #eee; white-space: nowrap; }}
+  th {{ position: sticky; top: 0; background: #eee; }}
   th[data-type]:not([data-type=""]) {{ cursor: pointer; }}
   th[aria-sort="ascending"]::after {{ content: " \\25B2"; }}
   th[aria-sort="descending"]::after {{ content: " \\25BC"; }}
   td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
   td.name {{ font-weight: 600; }}
   td.poor {{ background: #f8c9c4; }} td.fair {{ background: #fbe3b4; }} td.good {{ background: #d3efd5; }}
-  img.thumb {{ height: 110px; display: block; }}
+  img.thumb {{ max-height: 200px; max-width: 360px; display: block; }}
+  td.empty, .missing {{ color: #a00; font-weight: 600; }}
+  td.empty {{ max-width: 14em; }}
   .links a {{ margin-right: .6em; }}
 </style>
 </head>

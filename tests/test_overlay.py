@@ -13,8 +13,8 @@ from conftest import blob_case, make_grid
 from medseg.config import load_task
 from medseg.errors import InputError
 from medseg.io import Grid, from_array, to_array
-from medseg.overlay import (VIEWS, canonical, choose_slices, render_slice, render_view, view_slice, view_spacing,
-                            write_overlays)
+from medseg.overlay import (THUMB_SIZE, VIEWS, canonical, choose_slices, legend_entries, render_slice, render_view,
+                            thumbnail, view_slice, view_spacing, write_overlays)
 
 RED, GREEN = (230, 25, 75), (60, 180, 75)
 AXIAL, CORONAL, SAGITTAL = VIEWS
@@ -161,14 +161,84 @@ def test_slices_cover_every_organ_and_the_largest_disagreement():
     reference[2:8, 2:8, 20] = 1  # the slice where they disagree most
     chosen = dict(choose_slices(prediction, 2, count=8, reference=reference))
     assert len(chosen) == 8
-    assert "largest disagreement" in chosen[20]
+    assert chosen[20] == 6 * 6 - 4 * 4  # differing voxels: the reference's ring around the prediction
+    assert sum(n > 0 for n in chosen.values()) == 1  # no other slice differs
     assert any(52 <= s <= 53 for s in chosen)
     assert all(5 <= s <= 53 for s in chosen)
+
+
+def test_an_organ_crossed_only_at_its_edge_gets_a_slice_through_its_centre():
+    labels = np.zeros((6, 6, 40), np.uint8)
+    labels[2:4, 2:4, 0:30] = 1
+    labels[2:4, 2:4, 30:40] = 2  # the even spread of 2 slices hits 9 and 29: organ 2 only at its edge
+    chosen = [s for s, _ in choose_slices(labels, 2, count=2)]
+    assert any(32 <= s <= 37 for s in chosen), chosen
+
+
+def test_slices_are_denser_where_more_organs_meet():
+    labels = np.zeros((50, 4, 4), np.uint8)
+    labels[0:10, 0, 0] = 1  # one organ on each side, three across the middle: a sagittal pelvis
+    labels[20:30, 1, 1], labels[20:30, 2, 2], labels[20:30, 3, 3] = 2, 3, 4
+    labels[40:50, 0, 0] = 5
+    assert [s for s, _ in choose_slices(labels, 0, count=5)] == [5, 21, 25, 28, 45]
+
+
+def test_spread_slices_keep_clear_of_the_disagreement_slices():
+    prediction = np.zeros((4, 4, 40), np.uint8)
+    prediction[1:3, 1:3, :] = 1
+    reference = prediction.copy()
+    reference[0, 0, [14, 25]] = 1  # the even spread alone would take 15 and 25
+    chosen = [s for s, _ in choose_slices(prediction, 2, count=4, reference=reference)]
+    assert len(chosen) == 4 and 14 in chosen and 25 in chosen
+    assert min(np.diff(chosen)) >= 40 // 8
 
 
 def test_empty_mask_still_gives_slices_over_the_whole_volume():
     chosen = choose_slices(np.zeros((4, 4, 40), np.uint8), 2, count=4)
     assert [s for s, _ in chosen] == [5, 15, 25, 35]
+
+
+def shifted_pair(depth: int = 30):
+    """A 10 mm-cube organ on a 1 x 1 x 2 mm grid, and a reference that differs only on slices 20-21."""
+    grid = Grid((20, 20, depth), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    prediction = np.zeros(grid.shape, np.uint8)
+    prediction[5:15, 5:15, 5:25] = 1
+    reference = prediction.copy()
+    reference[5:15, 5:15, 20:22] = 0  # 2 slices x 100 voxels x 1 mm^2 missed in the reference
+    return grid, prediction, reference
+
+
+def test_axial_tiles_run_head_to_feet_and_name_the_disagreement_in_cm2():
+    grid, prediction, reference = shifted_pair()
+    tiles = render_view(np.zeros(grid.shape), prediction, grid, AXIAL, {1: RED}, (40, 400), reference=reference)
+    heights = [float(t.position.split()[1]) for t in tiles]
+    assert all(t.position.startswith("S ") for t in tiles) and heights == sorted(heights, reverse=True)
+    notes = [t.note for t in tiles if t.note]
+    assert notes and notes[0] == "largest disagreement: 1.0 cm2"  # 100 voxels of 1 x 1 mm
+
+
+def test_thumbnail_shows_the_slice_where_reference_and_prediction_differ_most():
+    grid, prediction, reference = shifted_pair()
+    rgb = thumbnail(np.zeros(grid.shape), prediction, grid, {1: RED}, (40, 400), reference=reference)
+    assert rgb.dtype == np.uint8 and rgb.shape == (300, 300, 3)  # 20 x 20 mm at 1/15 mm a pixel
+    # on slices 20-21 only the prediction's outline is drawn: inside the organ (pixels 75..224), while the
+    # reference's dashed outline would lie just outside it
+    rows, cols = np.nonzero(colour_pixels(rgb, RED))
+    assert rows.size and rows.min() >= 75 and rows.max() <= 224 and cols.min() >= 75 and cols.max() <= 224
+    without_reference = thumbnail(np.zeros(grid.shape), prediction, grid, {1: RED}, (40, 400))
+    assert without_reference.shape == rgb.shape
+
+
+def test_legend_names_each_organ_with_its_volume_in_ml_and_its_dice(task):
+    prediction = np.zeros((10, 10, 10), np.uint8)
+    prediction[0:2, 0:2, 0:2] = 1  # 8 voxels of 0.5 mL = 4.0 mL
+    reference = np.zeros_like(prediction)
+    reference[0:2, 0:2, 0:1] = 1  # 4 voxels: Dice 2 * 4 / (8 + 4) = 0.67
+    colors, lines, mean = legend_entries(task, prediction, reference, voxel_ml=0.5)
+    assert lines[0] == (colors[1], "prostate: 4.0 mL (ref 2.0), Dice 0.67")
+    assert lines[1][1] == "bladder: 0.0 mL (ref 0.0), Dice n/a"  # absent from both: no Dice
+    assert mean == pytest.approx(2 / 3)
+    assert legend_entries(task, prediction, None, 0.5)[1][0][1] == "prostate: 4.0 mL"
 
 
 # ------------------------------------------------------------------------------------ files
@@ -182,12 +252,14 @@ def test_write_overlays_writes_three_small_pngs(write_case, task, tmp_path):
     prediction = labels.copy()
     prediction[prediction == 3] = 0  # a missed organ: Dice 0 in the legend
     paths = write_overlays(image_path, (prediction, grid), task, tmp_path / "png", reference=label_path, case="c7")
-    assert [p.name for p in paths] == ["c7_axial.png", "c7_coronal.png", "c7_sagittal.png"]
-    for path in paths:
+    assert [p.name for p in paths] == ["c7_axial.png", "c7_coronal.png", "c7_sagittal.png", "c7_thumb.png"]
+    for path in paths[:3]:
         with Image.open(path) as png:
             assert png.format == "PNG" and png.mode == "RGB" and png.size[0] == 1600
             png.verify()
         assert path.stat().st_size < 1_000_000
+    with Image.open(paths[3]) as png:
+        assert png.size[0] <= THUMB_SIZE[0] and png.size[1] <= THUMB_SIZE[1]
     assert not list((tmp_path / "png").glob(".*tmp*"))  # atomic writes leave no temporary file
 
 
@@ -204,7 +276,7 @@ def test_cli_overlay_command(write_case, tmp_path):
     image_path, label_path, _ = write_case(orientation="PLI")
     assert main(["overlay", str(image_path), str(label_path), "--out", str(tmp_path / "cli")]) == 0
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [
-        "case_000_axial.png", "case_000_coronal.png", "case_000_sagittal.png"]
+        "case_000_axial.png", "case_000_coronal.png", "case_000_sagittal.png", "case_000_thumb.png"]
 
 
 def test_importing_overlay_does_not_import_plotting_libraries():

@@ -1,0 +1,118 @@
+"""Overlay files for one case: read and check the inputs, put them in radiological order, write the PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medseg.config import DEFAULT_COLORS, Task
+from medseg.errors import InputError
+from medseg.io import Grid, atomic_path, case_name, read_image, read_label
+from medseg.metrics import dice
+from medseg.overlay.montage import montage, render_view, thumbnail
+from medseg.overlay.views import VIEWS, canonical, organ_box
+
+
+def _load(source, what: str, labels: bool) -> tuple[np.ndarray, Grid, str]:
+    """(X, Y, Z) array, grid and a name for messages, from a path or an (array, Grid) pair."""
+    if isinstance(source, (str, Path)):
+        array, grid = read_label(source) if labels else read_image(source)
+        return (array if labels else array[0]), grid, str(source)
+    if not (isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], Grid)):
+        raise InputError(f"{what} must be a path or an (array, Grid) pair, got {type(source).__name__}")
+    array, grid = np.asarray(source[0]), source[1]
+    if not labels and array.ndim == 4:
+        array = array[0]  # a multi-channel scan is shown by its first channel
+    if array.shape != grid.shape:
+        raise InputError(f"{what} array of shape {array.shape} does not fit its grid ({grid.describe()})")
+    if labels and (array.dtype.kind not in "iub" or array.min(initial=0) < 0 or array.max(initial=0) > 255):
+        raise InputError(f"{what} must hold integer labels in 0..255, got {array.dtype} values")
+    return (array.astype(np.uint8, copy=False) if labels else array), grid, f"the given {what} array"
+
+
+def _window(task: Task, image: np.ndarray) -> tuple[tuple[float, float], str]:
+    if task.modality == "CT":
+        level, width = task.intensity.display
+        return (level, width), f"CT window L{level:g} W{width:g}"
+    low, high = np.percentile(image, [0.5, 99.5])  # MR has no absolute scale: stretch to the image
+    return ((low + high) / 2, max(high - low, 1e-6)), "window: 0.5-99.5th percentile of the scan"
+
+
+def legend_entries(task: Task, prediction: np.ndarray, reference: np.ndarray | None, voxel_ml: float):
+    """Colours, legend lines and mean Dice (NaN without a reference) of every organ of the task and mask.
+
+    Returns:
+        ({label: RGB}, [(RGB, "organ: 12.3 mL (ref 11.9), Dice 0.93")], mean Dice).
+    """
+    names = task.label_names
+    colors = {label.id: label.color for label in task.labels}
+    pred_counts = np.bincount(prediction.ravel(), minlength=256)
+    for value in np.flatnonzero(pred_counts[1:]) + 1:
+        if value not in names:
+            names[int(value)], colors[int(value)] = f"label {value} (not in task)", DEFAULT_COLORS[(value - 1) % 12]
+    lines, scores = [], []
+    if reference is not None:
+        ref_counts = np.bincount(reference.ravel(), minlength=256)
+        both = np.bincount(prediction[prediction == reference].ravel(), minlength=256)
+    for value, name in names.items():
+        text = f"{name}: {pred_counts[value] * voxel_ml:.1f} mL"
+        if reference is not None:
+            score = dice(both[value], pred_counts[value] - both[value], ref_counts[value] - both[value])
+            scores.append(score)
+            text += f" (ref {ref_counts[value] * voxel_ml:.1f}), Dice " + ("n/a" if np.isnan(score) else f"{score:.2f}")
+        lines.append((colors[value], text))
+    mean = float(np.nanmean(scores)) if scores and not np.isnan(scores).all() else float("nan")
+    return colors, lines, mean
+
+
+def write_overlays(image, mask, task: Task, out: str | Path, reference=None, case: str | None = None) -> list[Path]:
+    """Write `<case>_axial.png`, `<case>_coronal.png`, `<case>_sagittal.png` and `<case>_thumb.png` into `out`.
+
+    Args:
+        image: scan path, or (array (X, Y, Z) or (C, X, Y, Z), Grid) already in memory.
+        mask: label map path, or (uint8 (X, Y, Z), Grid); it must lie on the scan's grid.
+        task: gives organ names, colours and the display window.
+        out: output folder, created if needed.
+        reference: optional reference label map (path or pair) on the same grid: drawn dashed, with Dice.
+        case: file name prefix; default the scan's file name without suffix.
+
+    Returns:
+        The four PNG paths (written atomically): the three montages, then the thumbnail.
+    """
+    volume, grid, image_name = _load(image, "image", labels=False)
+    prediction, mask_grid, mask_name = _load(mask, "mask", labels=True)
+    ref, ref_name = None, None
+    if reference is not None:
+        ref, ref_grid, ref_name = _load(reference, "reference", labels=True)
+    for name, other in [(mask_name, mask_grid)] + ([(ref_name, ref_grid)] if ref is not None else []):
+        if not grid.matches(other):
+            raise InputError(f"{name} ({other.describe()}) is not on the grid of {image_name} ({grid.describe()})")
+    case = case or (case_name(image) if isinstance(image, (str, Path)) else "case")
+    colors, legend, mean_dice = legend_entries(task, prediction, ref, grid.voxel_volume_ml)
+    volume_c, grid_c = canonical(volume, grid)
+    prediction_c = canonical(prediction, grid)[0]
+    ref_c = canonical(ref, grid)[0] if ref is not None else None
+    window, window_text = _window(task, volume_c[organ_box([prediction_c], grid_c.spacing)])
+    style = "prediction: solid outline + fill"
+    if ref is not None:
+        style += f"   reference: dashed outline   mean Dice {mean_dice:.3f}"
+    notes = [f"{window_text}   {style}   positions: scanner coordinates"]
+    if not np.allclose(np.abs(np.reshape(grid_c.direction, (3, 3))), np.eye(3), atol=0.02):
+        notes.append("oblique scan: shown in its nearest axis-aligned orientation, not resliced")
+    if not prediction.any():
+        notes.append("no organ in the mask" + ("" if ref is None or not ref.any() else " (reference has organs)"))
+    pictures = {}
+    for view in VIEWS:
+        tiles = render_view(volume_c, prediction_c, grid_c, view, colors, window, reference=ref_c)
+        pictures[view.name] = montage(tiles, view, f"{case} - {view.name}, {view.caption}", notes, legend)
+    pictures["thumb"] = thumbnail(volume_c, prediction_c, grid_c, colors, window, reference=ref_c)
+    return [_write_png(picture, Path(out) / f"{case}_{name}.png") for name, picture in pictures.items()]
+
+
+def _write_png(rgb: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=6)
+    return path
