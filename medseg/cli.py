@@ -3,13 +3,17 @@ so that `medseg --help` answers at once."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from medseg.errors import InputError
+
+if TYPE_CHECKING:
+    from medseg.train import TrainOptions
 
 app = typer.Typer(
     name="medseg",
@@ -82,14 +86,50 @@ def train(
     fold: int = typer.Option(0, "--fold", min=0, help="Which fold to hold out for validation."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train with this many processes on this machine, one "
+                              "per GPU (starts torchrun). Under torchrun, leave it out."),
 ) -> None:
-    """Train a 3D U-Net on a dataset (default: the bundled sample data, on the CPU)."""
+    """Train a 3D U-Net on a dataset (default: the bundled sample data, on the CPU).
+
+    Under torchrun (or with --nproc) the processes train one model together
+    with DistributedDataParallel; rank 0 writes the run folder.
+    """
+    from medseg.distributed import joined
     from medseg.train import TrainOptions, fit
 
     options = TrainOptions(task=task, data=data, out=out, epochs=epochs, max_minutes=max_minutes, device=device,
                            seed=seed, folds=folds, fold=fold, resume=resume, compile=compile)
-    run_dir = fit(options)
-    typer.echo(f"model folder: {run_dir}")
+    if nproc > 1:
+        raise typer.Exit(_run_torchrun(nproc, options))
+    with joined(device, os.environ) as world:
+        run_dir = fit(options, world)
+    if world.is_main:
+        typer.echo(f"model folder: {run_dir}")
+
+
+def train_arguments(options: TrainOptions) -> list[str]:
+    """`medseg train` arguments that give back `options` (a `TrainOptions`)."""
+    import dataclasses
+
+    arguments = ["train"]
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if value is True:
+            arguments.append(flag)
+        elif value is not None and value is not False:
+            arguments += [flag, str(value)]
+    return arguments
+
+
+def _run_torchrun(nproc: int, options: TrainOptions) -> int:
+    """Train with `nproc` processes on this machine, started by torchrun; returns the exit code."""
+    from medseg.distributed import launch, torchrun_ranks
+
+    if torchrun_ranks(os.environ) is not None:
+        raise InputError(f"--nproc {nproc} starts torchrun, but this process already runs under torchrun; "
+                         f"leave --nproc out and use torchrun's --nproc_per_node")
+    return launch(nproc, train_arguments(options))
 
 
 @app.command()
@@ -105,12 +145,18 @@ def predict(
     reference: Optional[List[Path]] = typer.Option(None, "--reference", "-r", help="Reference label map(s) or folder: also write metrics."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay PNGs for review."),
 ) -> None:
-    """Segment scans: writes <case>_seg.nii.gz on the scan's exact grid, volumes and overlays."""
+    """Segment scans: writes <case>_seg.nii.gz on the scan's exact grid, volumes and overlays.
+
+    Under torchrun the scans are shared among the processes; rank 0 writes
+    summary.json and review.html.
+    """
+    from medseg.distributed import joined
     from medseg.predict import PredictOptions, predict_many
 
     options = PredictOptions(model=model, task=task, device=device, fast=fast, tta=tta, probabilities=probabilities,
                              overlays=overlays)
-    failures = predict_many(inputs, out, options, references=reference or [])
+    with joined(device, os.environ) as world:
+        failures = predict_many(inputs, out, options, references=reference or [], world=world)
     if failures:
         raise typer.Exit(1)
 

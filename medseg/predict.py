@@ -4,6 +4,8 @@ For each scan: `<case>_seg.nii.gz` on the scan's exact grid, `<case>_volumes.jso
 montages and a thumbnail), a 3D Slicer `.seg.nrrd` and ITK-SNAP labels; optionally probability maps and,
 with a reference, metrics. Then `summary.json` and `review.html` for all cases.
 A bad scan is reported and skipped; the others still run; the exit code says whether any failed.
+Under torchrun the scans are shared among the processes (scan i to rank i % size), so each is written
+once, and rank 0 writes the summary and review page of all of them at the end.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from medseg.distributed import World
 from medseg.errors import InputError
-from medseg.infer import Predictor, Segmentation
+from medseg.infer import Predictor, Segmentation, resolve_device
 from medseg.io import case_name, is_image_path, read_image, read_label, write_image, write_label_map, write_text
 
 __all__ = ["Predictor", "PredictOptions", "predict_many", "find_model", "expand_inputs"]
@@ -101,24 +104,36 @@ def write_outputs(seg: Segmentation, image, case: str, out: Path, task, options:
     return row
 
 
+def _in_scan_order(shares: list[list[tuple]]) -> list[tuple]:
+    """The items of every rank in the order of the scans (each item starts with its scan's index)."""
+    return sorted((item for share in shares for item in share), key=lambda item: item[0])
+
+
 def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
-                 references: Sequence[Path] = ()) -> list[tuple[Path, str]]:
-    """Segment every input; returns the (input, message) of each that failed."""
+                 references: Sequence[Path] = (), world: World | None = None) -> list[tuple[Path, str]]:
+    """Segment every input; returns the (input, message) of each that failed.
+
+    Args:
+        world: the processes sharing the scans, from `medseg.distributed.joined` (its device replaces
+            `options.device`); None: this process alone. Every rank returns the failures of all ranks.
+    """
     import logging
+    import sys
 
     from tqdm import tqdm
 
     log = logging.getLogger("medseg.predict")
+    world = world or World(resolve_device(options.device))
     model = Path(options.model) if options.model else find_model(options.task, options.runs)
-    predictor = Predictor(model, device=options.device, fast=options.fast, tta=options.tta or None)
+    predictor = Predictor(model, device=str(world.device), fast=options.fast, tta=options.tta or None)
     task = predictor.task
     scans = expand_inputs(inputs)
     refs = match_references(references)
     out = Path(out)
-    rows, failures = [], []
-    import sys
-
-    for scan in tqdm(scans, desc="predict", unit="scan", disable=not sys.stderr.isatty() or len(scans) < 2):
+    rows, failures = [], []  # (scan index, row) and (scan index, input, message)
+    mine = world.shard(list(enumerate(scans)))
+    for index, scan in tqdm(mine, desc="predict", unit="scan",
+                            disable=not sys.stderr.isatty() or len(mine) < 2 or not world.is_main):
         case = case_name(scan)
         try:
             start = time.perf_counter()
@@ -129,14 +144,18 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
             row = write_outputs(seg, image, case, out, task, options, refs.get(case))
         except InputError as error:
             message = str(error).splitlines()[0]
-            failures.append((scan, message))
+            failures.append((index, scan, message))
             print(f"error: {message}", file=sys.stderr)
             continue
-        rows.append(row)
+        rows.append((index, row))
         timing = ", ".join(f"{k} {v:.2f} s" for k, v in row["seconds"].items())
         volumes = ", ".join(f"{k} {v:.1f} mL" for k, v in row["volumes_ml"].items())
         print(f"{case}: {volumes} ({timing})", file=sys.stderr)
         log.info("%s: %s", case, timing)
+    rows = [row for _, row in _in_scan_order(world.gather(rows))]
+    failures = [(scan, message) for _, scan, message in _in_scan_order(world.gather(failures))]
+    if not world.is_main:
+        return failures
     if rows:
         from medseg.review import write_review_page
 

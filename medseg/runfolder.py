@@ -119,6 +119,14 @@ def make_logger(folder: Path) -> logging.Logger:
     return logger
 
 
+def silent_logger() -> logging.Logger:
+    """The logger of a rank other than 0: rank 0 alone reports a distributed run."""
+    logger = logging.getLogger("medseg.train.silent")
+    logger.propagate = False
+    logger.disabled = True
+    return logger
+
+
 class TensorBoard:
     """TensorBoard scalars, when the tensorboard package is importable (it is a dependency)."""
 

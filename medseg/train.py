@@ -5,6 +5,14 @@ preprocesses every case once (cached in the run folder), then alternates `train_
 `validate` (full-volume sliding windows, the code `medseg predict` uses) and keeps `best.pt` and
 `last.pt`. The learning-rate schedule runs on progress = max(steps done / steps planned, time used /
 time budget), so a `--max-minutes` budget still ends with a fully decayed learning rate.
+
+Under torchrun (a `World` of several processes) the same functions train with DistributedDataParallel:
+rank 0 opens the run folder and alone writes config, checkpoints, metrics, curve, TensorBoard and log;
+each rank preprocesses, caches and samples only its share of the training cases (case i to rank
+i % size), with its own random stream, while DDP keeps the weights identical by starting every rank
+from rank 0's and averaging gradients. Validation is sharded the same way and its per-case Dice
+gathered, so every rank computes the same scores. Step times are agreed (the slowest rank's), so
+every rank takes the same `--max-minutes` decisions and none is left waiting in a collective.
 """
 
 from __future__ import annotations
@@ -26,13 +34,14 @@ from medseg import __version__
 from medseg.augment import build_augmentation
 from medseg.config import Task, load_task, parse_task, sample_data_dir, task_to_dict
 from medseg.datasets import Case, compute_fingerprint, load_dataset
+from medseg.distributed import World
 from medseg.errors import InputError
 from medseg.infer import CONFIG_NAME, autocast, resolve_device, sliding_window_logits
 from medseg.io import Grid, read_image, read_label, write_text
 from medseg.networks import NetworkPlan, build_network, plan_network
 from medseg.preprocess import Preprocessing, pad_to, preprocess, resolve_preprocessing
 from medseg.runfolder import (MetricsTable, TensorBoard, load_checkpoint, make_logger, rng_state, save_checkpoint,
-                              set_rng_state)
+                              set_rng_state, silent_logger)
 
 
 @dataclass(frozen=True)
@@ -159,8 +168,12 @@ class Progress:
 
 
 def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: Progress, total_steps: int,
-                    budget: float | None, device: torch.device, show_bar: bool) -> float:
-    """Run up to `steps_per_epoch` steps (fewer if the budget runs out); returns the mean loss."""
+                    budget: float | None, device: torch.device, show_bar: bool,
+                    world: World = World()) -> float:
+    """Run up to `steps_per_epoch` steps (fewer if the budget runs out); returns this rank's mean loss.
+
+    Each step's time is the slowest rank's, so that all ranks agree on when the budget is spent.
+    """
     from tqdm import tqdm
 
     network.train()
@@ -187,7 +200,7 @@ def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: 
         optimizer.step()
         losses.append(float(loss.detach()))
         progress.step += 1
-        progress.seconds += time.perf_counter() - start
+        progress.seconds += world.max(time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2g}",
                         patches_per_s=f"{image.shape[0] / (time.perf_counter() - start):.1f}")
         bar.update()
@@ -205,8 +218,13 @@ def dice_per_organ(reference: np.ndarray, predicted: np.ndarray, organs: dict[in
     return scores
 
 
-def validate(network, subjects: list[tio.Subject], task: Task, plan: NetworkPlan, device: torch.device) -> dict[str, float]:
-    """Full-volume sliding-window inference on held-out cases (model space), mean Dice per organ."""
+def validate(network, subjects: list[tio.Subject], task: Task, plan: NetworkPlan, device: torch.device,
+             world: World = World()) -> dict[str, float]:
+    """Full-volume sliding-window inference on held-out cases (model space), mean Dice per organ.
+
+    `subjects` are this rank's share; the per-case scores of all ranks are gathered, so every rank
+    returns the same means.
+    """
     network.eval()
     per_case = []
     for subject in subjects:
@@ -214,6 +232,7 @@ def validate(network, subjects: list[tio.Subject], task: Task, plan: NetworkPlan
                                        task.inference.sw_batch_size, task.inference.blending, device)
         predicted = logits.argmax(0).numpy().astype(np.uint8)
         per_case.append(dice_per_organ(subject["label"].data[0].numpy(), predicted, task.label_names))
+    per_case = [scores for share in world.gather(per_case) for scores in share]
     return {name: float(np.nanmean([c[name] for c in per_case])) if any(not math.isnan(c[name]) for c in per_case)
             else float("nan") for name in task.label_names.values()}
 
@@ -289,95 +308,142 @@ def _prepare(options: TrainOptions, folder: Path, saved: dict | None):
     return task, data, split, prep, plan, cases, config
 
 
-def fit(options: TrainOptions) -> Path:
-    """Train (or resume) one run; returns the run folder."""
-    import sys
-
+def _open_run(options: TrainOptions) -> tuple[Path, tuple]:
+    """Create or reopen the run folder and work out the run (`_prepare`); only rank 0 runs this."""
     folder, saved = _resolve_run(options)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.tmp*"):  # a write cut short by a kill: the file it was replacing is intact
         stale.unlink()
-    task, data, split, prep, plan, cases, config = _prepare(options, folder, saved)
+    (folder / "cache").mkdir(exist_ok=True)
+    prepared = _prepare(options, folder, saved)
+    config = prepared[-1]
     if saved and (options.epochs or options.max_minutes is not None):
         config.update({k: v for k, v in (("epochs", options.epochs), ("max_minutes", options.max_minutes)) if v})
         write_text(json.dumps(config, indent=2), folder / CONFIG_NAME)
-    log = make_logger(folder)
-    device = resolve_device(options.device)
-    torch.manual_seed(options.seed)
-    np.random.seed(options.seed)
-    random.seed(options.seed)
+    return folder, prepared
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _restore_rng(state: dict, world: World, seed: int) -> None:
+    """Each rank continues its own random stream; a rank the checkpoint has none for (the job grew)
+    starts a new one."""
+    streams = state.get("rng_ranks", [state["rng"]])
+    if world.rank < len(streams):
+        set_rng_state(streams[world.rank])
+    else:
+        _seed(seed + world.rank + state["progress"]["step"])
+
+
+def fit(options: TrainOptions, world: World | None = None) -> Path:
+    """Train (or resume) one run; returns the run folder.
+
+    Args:
+        options: the run's runtime choices.
+        world: the processes training together, from `medseg.distributed.joined` (its device replaces
+            `options.device`); None: this process alone on `options.device`.
+    """
+    import sys
+
+    world = world or World(resolve_device(options.device))
+    folder, (task, data, split, prep, plan, cases, config) = world.from_main(lambda: _open_run(options))
+    log = make_logger(folder) if world.is_main else silent_logger()
+    device = world.device
+    _seed(options.seed + world.rank)  # sampling differs per rank; DDP gives all ranks rank 0's initial weights
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     start = time.perf_counter()
     cache = folder / "cache"
-    cache.mkdir(exist_ok=True)
     missing = [n for n in split["train"] + split["validation"] if n not in cases]
     if missing:
         raise InputError(f"{data}: cases {missing[:3]} of the run's split are missing from the dataset")
-    train_subjects = [load_subject(cases[n], prep, task, cache) for n in split["train"]]
-    val_subjects = [load_subject(cases[n], prep, task, cache) for n in split["validation"]]
-    log.info(f"{task.name}: {len(train_subjects)} training / {len(val_subjects)} validation cases from {data}; "
-             f"spacing {prep.spacing} mm, patch {task.patch_size}, {plan.name} {plan.filters}; "
-             f"preprocessed in {time.perf_counter() - start:.1f} s on {device}")
+    if len(split["train"]) < world.size:
+        raise InputError(f"{len(split['train'])} training cases cannot be shared among {world.size} "
+                         f"processes; start at most {len(split['train'])}")
+    train_subjects = [load_subject(cases[n], prep, task, cache) for n in world.shard(split["train"])]
+    val_subjects = [load_subject(cases[n], prep, task, cache) for n in world.shard(split["validation"])]
+    shared = f", shared among {world.size} processes" if world.size > 1 else ""
+    log.info(f"{task.name}: {len(split['train'])} training / {len(split['validation'])} validation cases "
+             f"from {data}{shared}; spacing {prep.spacing} mm, patch {task.patch_size}, {plan.name} "
+             f"{plan.filters}; preprocessed in {time.perf_counter() - start:.1f} s on {device}")
 
     network = build_network(plan).to(device)
     optimizer = make_optimizer(task, network)
     progress = Progress()
-    if saved and (folder / "last.pt").is_file():
+    if options.resume and (folder / "last.pt").is_file():  # every rank reads it: the run folder is shared
         state = load_checkpoint(folder / "last.pt")
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         progress = Progress(**state["progress"])
-        set_rng_state(state["rng"])
+        _restore_rng(state, world, options.seed)
         log.info(f"resumed from epoch {progress.epoch}, step {progress.step}")
-    model = torch.compile(network) if options.compile else network
+    model = network
+    if world.size > 1:  # starts every rank from rank 0's weights, then averages the gradients of each step
+        model = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(model) if options.compile else model
     loss_fn = make_loss(task, plan)
     epochs = config["epochs"]
     total_steps = epochs * task.schedule.steps_per_epoch
     budget = config["max_minutes"] * 60 if config.get("max_minutes") else None
-    table = MetricsTable(folder / "metrics.csv", list(task.label_names.values()))
-    board = TensorBoard(folder)
+    table = MetricsTable(folder / "metrics.csv", list(task.label_names.values())) if world.is_main else None
+    board = TensorBoard(folder) if world.is_main else None
     batches = patch_batches(train_subjects, task, device)
-    show_bar = sys.stderr.isatty()
+    show_bar = sys.stderr.isatty() and world.is_main
 
-    def checkpoint(name: str) -> None:
-        save_checkpoint(folder / name, {"model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "progress": vars(progress).copy(), "rng": rng_state()})
+    def checkpoint(name: str, rng_states: list[dict]) -> None:
+        state = {"model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                 "progress": vars(progress).copy(), "rng": rng_states[0]}
+        if len(rng_states) > 1:
+            state["rng_ranks"] = rng_states
+        save_checkpoint(folder / name, state)
 
     try:
         while progress.epoch < epochs and progress.fraction(total_steps, budget) < 1.0:
             epoch_start = time.perf_counter()
             loss = train_one_epoch(model, batches, loss_fn, optimizer, task, progress, total_steps, budget, device,
-                                   show_bar)
+                                   show_bar, world)
+            loss = world.mean(loss)
             progress.epoch += 1
             done = progress.epoch >= epochs or progress.fraction(total_steps, budget) >= 1.0
             scores = {}
             if progress.epoch % task.schedule.validate_every == 0 or done:
-                scores = validate(network, val_subjects, task, plan, device)
+                scores = validate(network, val_subjects, task, plan, device, world)
             mean = float(np.nanmean(list(scores.values()))) if scores else None
-            if mean is not None and mean > progress.best_dice:
+            improved = mean is not None and mean > progress.best_dice
+            if improved:
                 progress.best_dice = mean
-                save_checkpoint(folder / "best.pt", {"model": network.state_dict(), "epoch": progress.epoch,
-                                                     "mean_dice": mean})
-            checkpoint("last.pt")
+            rng_states = world.gather(rng_state())
             row = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss, "mean_dice": mean,
                    "lr": learning_rate(task, progress.fraction(total_steps, budget)),
                    "seconds": time.perf_counter() - epoch_start, **{f"dice_{k}": v for k, v in scores.items()}}
-            table.append(row)
-            table.plot(folder / "training_curve.png")
-            board.scalars({"loss/train": loss, "dice/mean": mean, "lr": row["lr"],
-                           **{f"dice/{k}": v for k, v in scores.items()}}, progress.step)
+            if world.is_main:
+                if improved:
+                    save_checkpoint(folder / "best.pt",
+                                    {"model": network.state_dict(), "epoch": progress.epoch, "mean_dice": mean})
+                checkpoint("last.pt", rng_states)
+                table.append(row)
+                table.plot(folder / "training_curve.png")
+                board.scalars({"loss/train": loss, "dice/mean": mean, "lr": row["lr"],
+                               **{f"dice/{k}": v for k, v in scores.items()}}, progress.step)
             dice_text = f", val Dice {mean:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + ")" if scores else ""
             log.info(f"epoch {progress.epoch}/{epochs} step {progress.step}: loss {loss:.4f}{dice_text}, "
                      f"lr {row['lr']:.2g}, {row['seconds']:.1f} s")
     except KeyboardInterrupt:
-        checkpoint("last.pt")
+        if world.is_main:  # no collective here: the other ranks may be gone; they start new streams on resume
+            checkpoint("last.pt", [rng_state()])
         log.info(f"interrupted: saved {folder / 'last.pt'}; continue with `medseg train --resume --out {folder}`")
         raise
     finally:
-        board.close()
-    if not (folder / "best.pt").is_file():  # no validation ran (e.g. a zero budget): the last weights serve
+        if board is not None:
+            board.close()
+    # No validation ran (e.g. a zero budget): the last weights serve.
+    if world.is_main and not (folder / "best.pt").is_file():
         save_checkpoint(folder / "best.pt", {"model": network.state_dict(), "epoch": progress.epoch, "mean_dice": -1.0})
     log.info(f"done: best validation mean Dice {progress.best_dice:.3f}; model folder {folder}")
     return folder
