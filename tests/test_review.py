@@ -97,7 +97,7 @@ def open_in_chromium(page: Path, profile: Path, fragment: str = "") -> tuple[str
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--window-size=1600,4000",
                "--dump-dom", page.resolve().as_uri() + fragment]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout, [m.group(1) for m in map(CONSOLE.search, done.stderr.splitlines()) if m]
 
