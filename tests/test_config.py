@@ -65,6 +65,8 @@ def test_round_trip_through_json(tmp_path, source):
                  id="pair-missing-organ"),
     pytest.param("name: x\nlabels: {0: background}\n", r"key 'labels\.0' must be a label id in 1\.\.255", id="label-zero"),
     pytest.param("labels: {1: prostate}\n", r"missing key 'name'", id="missing-name"),
+    pytest.param(MINIMAL + "ignore_label: 1\n", r"key 'ignore_label' must be a label value in 1\.\.255 that no organ uses, "
+                 r"got 1", id="ignore-label-is-an-organ"),
     pytest.param(MINIMAL + "spacing: [1, -1, 2]\n", r"key 'spacing' must be positive", id="negative-spacing"),
     pytest.param(MINIMAL + "labels_extra: [\n", r"not valid YAML", id="malformed-yaml"),
     pytest.param("- just\n- a list\n", r"a task file must be a mapping", id="not-a-mapping"),
