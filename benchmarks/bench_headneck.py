@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "command": command,
         "split": f"sorted case names: first {N_TRAIN} train, last {len(held_out)} held out "
-                 f"({len(evaluated)} evaluated); trainer's own validation: --folds {INTERNAL_FOLDS} --fold 0 --seed 0",
+                 f"({len(evaluated)} evaluated); trainer's own validation: "
+                 f"--folds {INTERNAL_FOLDS} --fold 0 --seed 0",
         "budget_minutes": args.minutes,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),

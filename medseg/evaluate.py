@@ -278,7 +278,8 @@ def is_dataset_folder(path: str | Path) -> bool:
     return (path / "dataset.json").is_file() or ((path / "images").is_dir() and (path / "labels").is_dir())
 
 
-def match_dataset(pred: str | Path, root: str | Path) -> tuple[list[Pair], list[str], dict[str, tuple[str, ...] | None]]:
+def match_dataset(pred: str | Path, root: str | Path
+                  ) -> tuple[list[Pair], list[str], dict[str, tuple[str, ...] | None]]:
     """Pair a folder of predictions with the labelled cases (training and test) of a dataset folder.
 
     Returns:

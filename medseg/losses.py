@@ -48,7 +48,8 @@ class PartialDiceCELoss(_Loss):
         self.smooth_nr = smooth_nr
         self.smooth_dr = smooth_dr
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, contoured: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor,
+                contoured: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             input: logits (B, C, *spatial).
@@ -96,7 +97,8 @@ class PartialDiceCELoss(_Loss):
             loss = loss + self.dice_weight * self._dice(logits, target, valid, keep)
         return loss
 
-    def _dice(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _dice(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+              keep: torch.Tensor) -> torch.Tensor:
         """Batch Dice loss over the organ channels, each summed over the cases that contoured it."""
         weight = valid.to(logits.dtype)
         probabilities = torch.softmax(logits, 1) * weight  # (B, C, *spatial)
