@@ -11,10 +11,15 @@ import torch
 import torchio as tio
 
 from medseg.config import Task
+from medseg.partial import CONTOURED, set_contoured, swap_channels
 
 
 class SwapLabels(tio.transforms.Transform):
-    """Relabel a label map with `mapping` (e.g. left <-> right); images are untouched."""
+    """Relabel a label map with `mapping` (e.g. left <-> right); images are untouched.
+
+    A subject's contoured-organ mask is relabelled with it: a case that drew only the left parotid has,
+    once flipped, drawn only the right one.
+    """
 
     def __init__(self, mapping: dict[int, int], **kwargs):
         super().__init__(**kwargs)
@@ -29,6 +34,8 @@ class SwapLabels(tio.transforms.Transform):
                 for source, target in self.mapping.items():
                     swapped[data == source] = target
                 image.set_data(swapped)
+        if CONTOURED in subject and self.mapping:
+            set_contoured(subject, swap_channels(subject[CONTOURED], self.mapping))
         return subject
 
 

@@ -164,7 +164,8 @@ def predict(
 @app.command()
 def evaluate(
     pred: Path = typer.Option(..., "--pred", "-p", help="Predicted mask file or folder."),
-    ref: Path = typer.Option(..., "--ref", "-r", help="Reference mask file or folder."),
+    ref: Path = typer.Option(..., "--ref", "-r", help="Reference mask file or folder, or a dataset folder "
+                             "(dataset.json): then organs a case did not contour are skipped for it."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Task name or file, for organ names and tolerances."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="labels.json mapping ids to organ names."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder for metrics.csv, summary.json, plots."),

@@ -330,6 +330,9 @@ def _check(task: Task, source: str) -> None:
         for name in pair:
             if name not in known:
                 raise ConfigError(f"{source}: key 'pairs[{i}]' names '{name}', which is not an organ of this task")
+    if task.ignore_label is not None and not 1 <= task.ignore_label <= 255 or task.ignore_label in task.label_names:
+        raise ConfigError(f"{source}: key 'ignore_label' must be a label value in 1..255 that no organ uses, "
+                          f"got {task.ignore_label}")
     for name in list(task.inference.largest_component) + list(task.sampling.label_weights or {}):
         if name not in known:
             raise ConfigError(f"{source}: organ '{name}' in the inference/sampling settings is not an organ of this task")

@@ -5,6 +5,10 @@
 the same grid; `write_report` writes the rows (metrics.csv, long form), their summary (summary.json,
 keyed by organ name) and a Dice box plot; `run_evaluation` is `medseg evaluate`.
 
+References are a mask file, a folder of masks, or a dataset folder (`medseg.datasets` layouts). With
+a dataset, an organ a case did not contour (its `contoured` list, partial labels) is skipped for that
+case: no rows, not counted in any mean.
+
 Per organ: dice, iou, precision, recall, specificity, volume_ref_ml, volume_pred_ml,
 relative_volume_difference, hd95_mm, hd_mm, assd_mm, surface_dice. Per case (organ "all"):
 pixel_accuracy and mean_pixel_accuracy. Definitions and the empty-mask conventions are in
@@ -248,18 +252,50 @@ def match_cases(pred: str | Path, ref: str | Path) -> tuple[list[Pair], list[str
     refs = {case_name(p): p for p in _mask_files(ref)}
     if not refs:
         raise InputError(f"{ref}: folder holds no mask files ({', '.join(IMAGE_SUFFIXES)})")
+    preds = _predictions(pred, set(refs))
+    pairs = [(name, preds[name], refs[name]) for name in sorted(preds) if name in refs]
+    return pairs, sorted(set(preds) - set(refs)), sorted(set(refs) - set(preds))
+
+
+def _predictions(folder: Path, references: set[str]) -> dict[str, Path]:
+    """Prediction files of a folder by case name (`<case>_seg` counts as `<case>`)."""
     preds: dict[str, Path] = {}
-    for path in _mask_files(pred):
+    for path in _mask_files(folder):
         name = case_name(path)
-        if name not in refs and name.endswith(PRED_SUFFIX):
+        if name not in references and name.endswith(PRED_SUFFIX):
             name = name[: -len(PRED_SUFFIX)]
         if name in preds:
             raise InputError(f"{preds[name]} and {path}: two predictions for case '{name}'")
         preds[name] = path
     if not preds:
-        raise InputError(f"{pred}: folder holds no mask files ({', '.join(IMAGE_SUFFIXES)})")
-    pairs = [(name, preds[name], refs[name]) for name in sorted(preds) if name in refs]
-    return pairs, sorted(set(preds) - set(refs)), sorted(set(refs) - set(preds))
+        raise InputError(f"{folder}: folder holds no mask files ({', '.join(IMAGE_SUFFIXES)})")
+    return preds
+
+
+def is_dataset_folder(path: str | Path) -> bool:
+    """A dataset folder (dataset.json, or images/ + labels/) rather than a folder of masks."""
+    path = Path(path)
+    return (path / "dataset.json").is_file() or ((path / "images").is_dir() and (path / "labels").is_dir())
+
+
+def match_dataset(pred: str | Path, root: str | Path
+                  ) -> tuple[list[Pair], list[str], dict[str, tuple[str, ...] | None]]:
+    """Pair a folder of predictions with the labelled cases (training and test) of a dataset folder.
+
+    Returns:
+        (pairs as (case, pred, ref), predictions without a labelled case, case -> contoured organs
+        or None where the case is fully labelled). Dataset cases without a prediction are not listed:
+        evaluating part of a dataset (a validation split) is the usual use.
+    """
+    from medseg.datasets import load_dataset
+
+    pred = Path(pred)
+    if not pred.is_dir():
+        raise InputError(f"--pred {pred}: with a dataset folder as --ref, give a folder of predictions")
+    cases = {c.name: c for c in load_dataset(root, "train") + load_dataset(root, "test") if c.label is not None}
+    preds = _predictions(pred, set(cases))
+    pairs = [(name, preds[name], cases[name].label) for name in sorted(preds) if name in cases]
+    return pairs, sorted(set(preds) - set(cases)), {name: cases[name].contoured for name, _, _ in pairs}
 
 
 def read_labels_file(path: str | Path) -> dict[int, str]:
@@ -412,10 +448,12 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str
     """`medseg evaluate`: match files, evaluate every pair, write the report into `out`.
 
     Args:
-        pred, ref: two mask files, or two folders matched by case name.
+        pred, ref: two mask files, or two folders matched by case name; or a folder of predictions and
+            a dataset folder (see `match_dataset`), whose organs not contoured in a case are skipped.
         out: output folder (metrics.csv, summary.json, dice_boxplot.png).
         task: task name or file giving organ names; or
-        labels: JSON/YAML file of label id -> organ name. Neither: organs are `label_<value>`.
+        labels: JSON/YAML file of label id -> organ name. Neither: the dataset.json's labels when `ref`
+            is a dataset that has them, else organs are `label_<value>`.
         tolerance_mm: surface Dice tolerance in mm, or organ name -> tolerance.
         warn: receives one line per problem that does not stop the evaluation (missing partners).
 
@@ -431,7 +469,20 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str
         organs = load_task(task).label_names
     elif labels is not None:
         organs = read_labels_file(labels)
-    pairs, lone_preds, lone_refs = match_cases(pred, ref)
+    not_contoured: dict[str, set[str]] = {}
+    if Path(ref).is_dir() and is_dataset_folder(ref):
+        pairs, lone_preds, contoured = match_dataset(pred, ref)
+        lone_refs: list[str] = []
+        if organs is None and (Path(ref) / "dataset.json").is_file():
+            organs = read_labels_file(Path(ref) / "dataset.json")
+        if organs is None and any(c is not None for c in contoured.values()):
+            raise InputError(f"{ref}: cases list 'contoured' organs by name; give --task or --labels to name the "
+                             "label values")
+        from medseg.partial import uncontoured_organs
+
+        not_contoured = {case: uncontoured_organs(c, organs) for case, c in contoured.items() if c is not None}
+    else:
+        pairs, lone_preds, lone_refs = match_cases(pred, ref)
     if lone_preds or lone_refs:
         parts = []
         if lone_preds:
@@ -445,5 +496,5 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str
         raise InputError(f"no prediction in {pred} matches a reference in {ref} by case name "
                          f"(unmatched predictions: {', '.join(lone_preds[:5]) or 'none'}; "
                          f"references: {', '.join(lone_refs[:5]) or 'none'})")
-    rows = evaluate_pairs(pairs, organs, tolerance_mm)
+    rows = evaluate_pairs(pairs, organs, tolerance_mm, not_contoured)
     return write_report(rows, out)

@@ -39,6 +39,7 @@ from medseg.errors import InputError
 from medseg.infer import CONFIG_NAME, autocast, resolve_device, sliding_window_logits
 from medseg.io import Grid, read_image, read_label, write_text
 from medseg.networks import NetworkPlan, build_network, plan_network
+from medseg.partial import CONTOURED, contoured_mask, set_contoured
 from medseg.preprocess import Preprocessing, pad_to, preprocess, resolve_preprocessing
 from medseg.runfolder import (MetricsTable, TensorBoard, load_checkpoint, make_logger, rng_state, save_checkpoint,
                               set_rng_state, silent_logger)
@@ -78,13 +79,18 @@ def make_split(names: list[str], folds: int, fold: int, seed: int) -> dict[str, 
 
 
 def load_subject(case: Case, prep: Preprocessing, task: Task, cache: Path) -> tio.Subject:
-    """Read, check and preprocess one case, or take it from the run's cache."""
+    """Read, check and preprocess one case, or take it from the run's cache.
+
+    The subject carries the case's contoured-organ mask under `CONTOURED` (see `medseg.partial`); it
+    is not cached, so the dataset's current `contoured` lists always apply.
+    """
     path = cache / f"{case.name}.pt"
     if path.is_file():
         saved = load_checkpoint(path)
         affine = saved["affine"].numpy()
         return tio.Subject(image=tio.ScalarImage(tensor=saved["image"], affine=affine),
-                           label=tio.LabelMap(tensor=saved["label"], affine=affine), name=case.name)
+                           label=tio.LabelMap(tensor=saved["label"], affine=affine), name=case.name,
+                           **{CONTOURED: contoured_mask(case.contoured, task)})
     image, grid = read_image(case.images)
     labels, label_grid = read_label(case.label)
     if not grid.matches(label_grid):
@@ -97,7 +103,7 @@ def load_subject(case: Case, prep: Preprocessing, task: Task, cache: Path) -> ti
     save_checkpoint(path, {"image": subject["image"].data.contiguous(), "label": subject["label"].data.contiguous(),
                            "affine": torch.from_numpy(subject["image"].affine)})
     subject["name"] = case.name
-    return subject
+    return set_contoured(subject, contoured_mask(case.contoured, task))
 
 
 def patch_batches(subjects: list[tio.Subject], task: Task, device: torch.device) -> Iterator[dict]:
@@ -143,11 +149,10 @@ def learning_rate(task: Task, progress: float) -> float:
 
 
 def make_loss(task: Task, plan: NetworkPlan):
-    from monai.losses import DeepSupervisionLoss, DiceCELoss
+    """DiceCE that skips each case's uncontoured organs: `loss(output, target, contoured)`."""
+    from medseg.losses import build_loss
 
-    loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
-                      lambda_dice=task.loss.dice_weight, lambda_ce=task.loss.ce_weight)
-    return DeepSupervisionLoss(loss, weight_mode="exp") if plan.deep_supervision else loss
+    return build_loss(task, plan.deep_supervision)
 
 
 # ----------------------------------------------------------------------------------- the loops
@@ -187,13 +192,14 @@ def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: 
         batch = next(batches)
         image = batch["image"][tio.DATA].to(device, non_blocking=True)
         target = batch["label"][tio.DATA].to(device, non_blocking=True)
+        contoured = batch[CONTOURED].to(device) if CONTOURED in batch else None
         lr = learning_rate(task, progress.fraction(total_steps, budget))
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device):
             output = network(image)
             heads = list(torch.unbind(output, 1)) if output.dim() == 6 else output
-            loss = loss_fn(heads, target)
+            loss = loss_fn(heads, target, contoured)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), task.schedule.grad_clip)
@@ -231,7 +237,10 @@ def validate(network, subjects: list[tio.Subject], task: Task, plan: NetworkPlan
         logits = sliding_window_logits(network, subject["image"].data, plan.patch_size, task.inference.overlap,
                                        task.inference.sw_batch_size, task.inference.blending, device)
         predicted = logits.argmax(0).numpy().astype(np.uint8)
-        per_case.append(dice_per_organ(subject["label"].data[0].numpy(), predicted, task.label_names))
+        scores = dice_per_organ(subject["label"].data[0].numpy(), predicted, task.label_names)
+        if CONTOURED in subject:  # an organ the case did not contour has no reference to score against
+            scores.update({name: float("nan") for i, name in task.label_names.items() if not subject[CONTOURED][i]})
+        per_case.append(scores)
     per_case = [scores for share in world.gather(per_case) for scores in share]
     return {name: float(np.nanmean([c[name] for c in per_case])) if any(not math.isnan(c[name]) for c in per_case)
             else float("nan") for name in task.label_names.values()}

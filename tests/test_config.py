@@ -30,6 +30,17 @@ def test_prostate_loads_by_name():
     assert task.num_classes == 6
 
 
+def test_headneck_loads_and_its_patch_fits_its_network():
+    from medseg.networks import plan_network
+
+    task = load_task("headneck")
+    assert task.label_names == {1: "brainstem", 2: "spinal_cord", 3: "right_parotid", 4: "left_parotid",
+                                5: "esophagus", 6: "larynx", 7: "mandible"}
+    assert task.swap_pairs() == {4: 3, 3: 4}
+    plan = plan_network(task.network, 1, task.num_classes, task.patch_size, task.spacing)
+    assert all(p % d == 0 for p, d in zip(task.patch_size, plan.divisor))
+
+
 def test_user_task_loads_by_path(tmp_path):
     task = load_task(write_task(tmp_path, MINIMAL + "spacing: [1, 1, 2.5]\naugmentation:\n  flip: {axes: [LR, SI]}\n"))
     assert task.name == "pelvis"
@@ -65,6 +76,8 @@ def test_round_trip_through_json(tmp_path, source):
                  id="pair-missing-organ"),
     pytest.param("name: x\nlabels: {0: background}\n", r"key 'labels\.0' must be a label id in 1\.\.255", id="label-zero"),
     pytest.param("labels: {1: prostate}\n", r"missing key 'name'", id="missing-name"),
+    pytest.param(MINIMAL + "ignore_label: 1\n", r"key 'ignore_label' must be a label value in 1\.\.255 that no organ uses, "
+                 r"got 1", id="ignore-label-is-an-organ"),
     pytest.param(MINIMAL + "spacing: [1, -1, 2]\n", r"key 'spacing' must be positive", id="negative-spacing"),
     pytest.param(MINIMAL + "labels_extra: [\n", r"not valid YAML", id="malformed-yaml"),
     pytest.param("- just\n- a list\n", r"a task file must be a mapping", id="not-a-mapping"),

@@ -156,3 +156,32 @@ def test_bad_labels_files(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(InputError, match=message):
         read_labels_file(path)
+
+
+def test_dataset_reference_skips_uncontoured_organs(folders, tmp_path, capsys):
+    """--ref a dataset folder: case_1 did not contour the rectum (its prediction misses it too), so the
+    rectum is scored on case_0 alone; organ names come from the dataset.json."""
+    preds, refs = folders
+    root = tmp_path / "dataset"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    entries = []
+    for seed in range(3):
+        (root / "labelsTr" / f"case_{seed}.nii.gz").write_bytes((refs / f"case_{seed}.nii.gz").read_bytes())
+        (root / "imagesTr" / f"case_{seed}.nii.gz").write_bytes((refs / f"case_{seed}.nii.gz").read_bytes())
+        entry = {"image": f"./imagesTr/case_{seed}.nii.gz", "label": f"./labelsTr/case_{seed}.nii.gz"}
+        if seed == 1:
+            entry["contoured"] = [o for o in PROSTATE_ORGANS if o != "rectum"]
+        entries.append(entry)
+    labels = {"0": "background", **{str(i): name for i, name in enumerate(PROSTATE_ORGANS, start=1)}}
+    (root / "dataset.json").write_text(json.dumps({"labels": labels, "training": entries}))
+    out = tmp_path / "evaluation"
+
+    assert run_cli(["evaluate", "--pred", preds, "--ref", root, "-o", out]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert {(r["case"], r["organ"]) for r in rows if r["metric"] == "dice"} == {
+        *((case, organ) for case in ("case_0", "case_1") for organ in PROSTATE_ORGANS)} - {("case_1", "rectum")}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rectum"]["dice"]["n"] == 1 and summary["bladder"]["dice"]["n"] == 2
+    assert "stray" in capsys.readouterr().err  # a prediction without a case is still reported
+    assert "case_2" not in {r["case"] for r in rows}  # a dataset case without a prediction is not an error

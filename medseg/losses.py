@@ -1,0 +1,143 @@
+"""Dice + cross-entropy that learns only from what each case labelled (partial labels, ignore label).
+
+With every organ contoured and no ignore label, `PartialDiceCELoss` is MONAI's
+`DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)`: the same value.
+Two things differ when a case is partially labelled:
+
+- An organ a case did not contour is taken out of that case's softmax (its logit is set to -inf
+  before both terms). Cross-entropy then only asks background to beat the organs that *were*
+  contoured, and that organ's Dice term is left out for that case, so the loss does not depend on the
+  organ's logit at all: its gradient is exactly zero, and predicting it anywhere costs nothing.
+  (Marginal cross-entropy, which merges the organ into background, also makes predicting it free, but
+  still pushes its logit up at every background voxel; removing it leaves that channel untouched.)
+- Voxels holding the task's `ignore_label` (nnU-Net convention) are left out of both terms.
+
+Dice is computed over the batch, as with MONAI's `batch=True`: per organ, intersections and sums
+run over the cases that contoured it, and organs contoured by no case of the batch are left out of
+the mean. Cross-entropy is the mean over the voxels not ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DeepSupervisionLoss
+from torch.nn.modules.loss import _Loss
+
+from medseg.config import Task
+
+
+class PartialDiceCELoss(_Loss):
+    """Softmax Dice (organs only) + cross-entropy, per-case organ masks and an optional ignore label.
+
+    Args:
+        dice_weight: weight of the Dice term.
+        ce_weight: weight of the cross-entropy term.
+        ignore_label: label value whose voxels are left out; None: no such value.
+        smooth_nr, smooth_dr: added to the Dice numerator and denominator (MONAI's defaults).
+    """
+
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, ignore_label: int | None = None,
+                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5):
+        super().__init__()
+        if dice_weight < 0 or ce_weight < 0:
+            raise ValueError(f"loss weights must be >= 0, got dice {dice_weight} and cross-entropy {ce_weight}")
+        self.dice_weight = dice_weight
+        self.ce_weight = ce_weight
+        self.ignore_label = ignore_label
+        self.smooth_nr = smooth_nr
+        self.smooth_dr = smooth_dr
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor,
+                contoured: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            input: logits (B, C, *spatial).
+            target: label map (B, 1, *spatial), integer values (float tensors holding integers work too).
+            contoured: (B, C) bool, the channels each case has labels for (see `medseg.partial`);
+                None: all. Background (channel 0) is always kept.
+
+        Returns:
+            The scalar loss.
+        """
+        if input.dim() != target.dim() or target.shape[1] != 1 or input.shape[2:] != target.shape[2:]:
+            raise ValueError(f"expected logits (B, C, ...) and a label map (B, 1, ...) of the same spatial size, "
+                             f"got {tuple(input.shape)} and {tuple(target.shape)}")
+        batch, classes = input.shape[:2]
+        if contoured is None:
+            keep = torch.ones(batch, classes, dtype=torch.bool, device=input.device)
+        else:
+            if contoured.shape != (batch, classes):
+                raise ValueError(f"contoured must be (B, C) = ({batch}, {classes}), got {tuple(contoured.shape)}")
+            keep = contoured.to(device=input.device, dtype=torch.bool).clone()
+            keep[:, 0] = True
+        target = target.long()
+        valid = torch.ones_like(target, dtype=torch.bool)
+        if self.ignore_label is not None:
+            valid &= target != self.ignore_label
+        target = torch.where(valid, target, torch.zeros_like(target))
+        if (target >= classes).any() or (target < 0).any():
+            raise ValueError(f"label values must be in 0..{classes - 1} (or the ignore label), "
+                             f"got {int(target.min())}..{int(target.max())}")
+        spatial = (1,) * (input.dim() - 2)
+        keep_map = keep.view(batch, classes, *spatial)
+        # A voxel labelled with an organ its case did not contour contradicts the case's own list
+        # (check-dataset reports it); it is ignored rather than scored against a removed channel.
+        valid &= torch.gather(keep_map.expand(-1, -1, *target.shape[2:]), 1, target)
+        target = torch.where(valid, target, torch.zeros_like(target))
+        # Half-precision logits (autocast) are scored in float32; float64 stays float64.
+        logits = input.to(torch.promote_types(input.dtype, torch.float32)).masked_fill(~keep_map, float("-inf"))
+
+        loss = logits.new_zeros(())
+        if self.ce_weight:
+            ce = F.cross_entropy(logits, target[:, 0], reduction="none")  # (B, *spatial)
+            ce = torch.where(valid[:, 0], ce, torch.zeros_like(ce))
+            loss = loss + self.ce_weight * ce.sum() / valid.sum().clamp_min(1)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * self._dice(logits, target, valid, keep)
+        return loss
+
+    def _dice(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+              keep: torch.Tensor) -> torch.Tensor:
+        """Batch Dice loss over the organ channels, each summed over the cases that contoured it."""
+        weight = valid.to(logits.dtype)
+        probabilities = torch.softmax(logits, 1) * weight  # (B, C, *spatial)
+        onehot = torch.zeros_like(probabilities).scatter_(1, target, 1.0) * weight
+        dims = tuple(range(2, logits.dim()))
+        cases = keep.to(logits.dtype)  # (B, C)
+        intersection = ((probabilities * onehot).sum(dims) * cases).sum(0)[1:]  # (C - 1,)
+        denominator = ((probabilities.sum(dims) + onehot.sum(dims)) * cases).sum(0)[1:]
+        scored = keep[:, 1:].any(0)
+        if not scored.any():
+            return logits.new_zeros(())
+        dice = 1.0 - (2.0 * intersection + self.smooth_nr) / (denominator + self.smooth_dr)
+        return dice[scored].mean()
+
+
+class PartialDeepSupervisionLoss(DeepSupervisionLoss):
+    """MONAI's deep-supervision wrapper (heads weighted 1, 1/2, 1/4, ...) that passes the masks on."""
+
+    def forward(self, input: torch.Tensor | list[torch.Tensor], target: torch.Tensor,
+                contoured: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            input: logits (B, C, *spatial), or a list of them, full resolution first.
+            target: label map (B, 1, *spatial); resized nearest-neighbour to smaller heads.
+            contoured: (B, C) bool or None, as for `PartialDiceCELoss`.
+        """
+        if not isinstance(input, (list, tuple)):
+            return self.loss(input.float(), target, contoured)
+        weights = self.get_weights(levels=len(input))
+        loss = torch.zeros((), dtype=torch.float32, device=target.device)
+        for weight, head in zip(weights, input):
+            level_target = target
+            if head.shape[2:] != target.shape[2:]:
+                level_target = F.interpolate(target.float(), size=head.shape[2:], mode=self.interp_mode)
+            loss = loss + weight * self.loss(head.float(), level_target, contoured)
+        return loss
+
+
+def build_loss(task: Task, deep_supervision: bool) -> torch.nn.Module:
+    """The task's loss; call it as `loss(output, target, contoured)` (`contoured` may be None)."""
+    loss = PartialDiceCELoss(task.loss.dice_weight, task.loss.ce_weight, task.ignore_label)
+    return PartialDeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss

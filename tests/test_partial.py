@@ -1,0 +1,56 @@
+"""Partial labels: the contoured mask of a case, swapped by a left-right flip, through the patch queue."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchio as tio
+import yaml
+
+from medseg.augment import flip_left_right
+from medseg.config import Augmentation, FlipAug, parse_task
+from medseg.partial import CONTOURED, contoured_mask, uncontoured_organs
+from medseg.train import patch_batches
+
+from conftest import TINY_TASK
+
+TASK = parse_task(yaml.safe_load(TINY_TASK), "tiny.yaml")  # 1 prostate .. 4 femoral_head_left, 5 right
+
+
+def test_mask_marks_background_and_contoured_organs():
+    mask = contoured_mask(["bladder", "femoral_head_left"], TASK)
+    assert mask.tolist() == [True, False, True, False, True, False]
+    assert contoured_mask(None, TASK).all() and contoured_mask(None, TASK).shape == (6,)
+    assert uncontoured_organs(["bladder"], TASK.label_names) == {"prostate", "rectum", "femoral_head_left",
+                                                                 "femoral_head_right"}
+    assert uncontoured_organs(None, TASK.label_names) == set()
+
+
+def test_unknown_organ_is_refused():
+    with pytest.raises(ValueError, match=r"contoured organs \['liver'\] are not organs of task 'tiny'"):
+        contoured_mask(["bladder", "liver"], TASK)
+
+
+def subject(contoured: list[str]) -> tio.Subject:
+    label = torch.zeros(1, 24, 24, 24, dtype=torch.uint8)
+    label[0, 2:8, 8:16, 8:16] = 4  # only the left femoral head is drawn
+    label[0, 10:14, 10:14, 10:14] = 2
+    return tio.Subject(image=tio.ScalarImage(tensor=torch.rand(1, 24, 24, 24)), label=tio.LabelMap(tensor=label),
+                       name="case", **{CONTOURED: contoured_mask(contoured, TASK)})
+
+
+def test_left_right_flip_swaps_the_mask_with_the_labels():
+    flipped = flip_left_right(TASK.swap_pairs())(subject(["bladder", "femoral_head_left"]))
+    assert (flipped["label"].data == 5).any() and not (flipped["label"].data == 4).any()
+    assert flipped[CONTOURED].tolist() == [True, False, True, False, False, True]
+
+
+def test_mask_survives_the_queue_and_collates_per_case():
+    task = dataclasses.replace(TASK, augmentation=Augmentation(flip=FlipAug(p=1.0)))
+    subjects = [subject(["bladder", "femoral_head_left"])]
+    batch = next(patch_batches(subjects, task, torch.device("cpu")))
+    assert batch[CONTOURED].shape == (task.schedule.batch_size, 6)
+    for mask in batch[CONTOURED]:  # every patch was flipped: right head contoured, left not
+        assert mask.tolist() == [True, False, True, False, False, True]
