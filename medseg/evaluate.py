@@ -260,7 +260,11 @@ def match_cases(pred: str | Path, ref: str | Path) -> tuple[list[Pair], list[str
 def _predictions(folder: Path, references: set[str]) -> dict[str, Path]:
     """Prediction files of a folder by case name (`<case>_seg` counts as `<case>`)."""
     preds: dict[str, Path] = {}
-    for path in _mask_files(folder):
+    files = _mask_files(folder)
+    masks = [p for p in files if case_name(p).endswith(PRED_SUFFIX)]
+    # A `medseg predict` folder also holds probability maps and viewer copies (.seg.nrrd): its masks
+    # are the `<case>_seg` files alone.
+    for path in masks or files:
         name = case_name(path)
         if name not in references and name.endswith(PRED_SUFFIX):
             name = name[: -len(PRED_SUFFIX)]

@@ -185,3 +185,16 @@ def test_dataset_reference_skips_uncontoured_organs(folders, tmp_path, capsys):
     assert summary["rectum"]["dice"]["n"] == 1 and summary["bladder"]["dice"]["n"] == 2
     assert "stray" in capsys.readouterr().err  # a prediction without a case is still reported
     assert "case_2" not in {r["case"] for r in rows}  # a dataset case without a prediction is not an error
+
+
+def test_a_predict_output_folder_is_matched_by_its_masks_alone(folders):
+    """Probability maps and 3D Slicer copies beside the `_seg` masks are not predictions."""
+    preds, refs = folders
+    (preds / "stray_seg.nii.gz").unlink()
+    grid = make_grid("LPS", shape=(40, 36, 24))
+    _, labels = blob_case(grid, 0)
+    write_label_map(labels, grid, preds / "case_0.seg.nrrd")
+    write_label_map(labels, grid, preds / "case_0_prob_bladder.nii.gz")
+    pairs, lone_preds, lone_refs = match_cases(preds, refs)
+    assert [(name, p.name) for name, p, _ in pairs] == [("case_0", "case_0_seg.nii.gz"), ("case_1", "case_1_seg.nii.gz")]
+    assert lone_preds == [] and lone_refs == ["case_2"]
