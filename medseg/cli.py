@@ -30,6 +30,19 @@ def _echo(message: str) -> None:
     typer.echo(message, err=True)
 
 
+PRECISION_HELP = ("auto, bf16 or fp32. auto: bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU runs bf16 "
+                  "natively, else fp32.")
+
+
+def _start_compute(precision: str) -> None:
+    """Check --precision before any work, and let glibc keep freed memory (medseg.runtime)."""
+    from medseg.runtime import PRECISIONS, keep_freed_memory
+
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    keep_freed_memory()
+
+
 @app.command("sample-data")
 def sample_data(
     task: str = typer.Option("prostate", "--task", "-t", help="Task whose phantom to generate."),
@@ -82,12 +95,14 @@ def train(
     fold: int = typer.Option(0, "--fold", min=0, help="Which fold to hold out for validation."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Train a 3D U-Net on a dataset (default: the bundled sample data, on the CPU)."""
+    _start_compute(precision)
     from medseg.train import TrainOptions, fit
 
     options = TrainOptions(task=task, data=data, out=out, epochs=epochs, max_minutes=max_minutes, device=device,
-                           seed=seed, folds=folds, fold=fold, resume=resume, compile=compile)
+                           seed=seed, folds=folds, fold=fold, resume=resume, compile=compile, precision=precision)
     run_dir = fit(options)
     typer.echo(f"model folder: {run_dir}")
 
@@ -104,12 +119,14 @@ def predict(
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-organ probability maps."),
     reference: Optional[List[Path]] = typer.Option(None, "--reference", "-r", help="Reference label map(s) or folder: also write metrics."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay PNGs for review."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Segment scans: writes <case>_seg.nii.gz on the scan's exact grid, volumes and overlays."""
+    _start_compute(precision)
     from medseg.predict import PredictOptions, predict_many
 
     options = PredictOptions(model=model, task=task, device=device, fast=fast, tta=tta, probabilities=probabilities,
-                             overlays=overlays)
+                             overlays=overlays, precision=precision)
     failures = predict_many(inputs, out, options, references=reference or [])
     if failures:
         raise typer.Exit(1)

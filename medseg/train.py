@@ -33,6 +33,7 @@ from medseg.networks import NetworkPlan, build_network, plan_network
 from medseg.preprocess import Preprocessing, pad_to, preprocess, resolve_preprocessing
 from medseg.runfolder import (MetricsTable, TensorBoard, load_checkpoint, make_logger, rng_state, save_checkpoint,
                               set_rng_state)
+from medseg.runtime import prepare_network, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class TrainOptions:
     fold: int = 0
     resume: bool = False
     compile: bool = False
+    precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU runs bf16 natively (medseg.runtime)
 
 
 # -------------------------------------------------------------------------------------- the data
@@ -159,7 +161,7 @@ class Progress:
 
 
 def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: Progress, total_steps: int,
-                    budget: float | None, device: torch.device, show_bar: bool) -> float:
+                    budget: float | None, device: torch.device, show_bar: bool, precision: str = "auto") -> float:
     """Run up to `steps_per_epoch` steps (fewer if the budget runs out); returns the mean loss."""
     from tqdm import tqdm
 
@@ -177,7 +179,7 @@ def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: 
         lr = learning_rate(task, progress.fraction(total_steps, budget))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(device):
+        with autocast(device, precision):
             output = network(image)
             heads = list(torch.unbind(output, 1)) if output.dim() == 6 else output
             loss = loss_fn(heads, target)
@@ -205,13 +207,14 @@ def dice_per_organ(reference: np.ndarray, predicted: np.ndarray, organs: dict[in
     return scores
 
 
-def validate(network, subjects: list[tio.Subject], task: Task, plan: NetworkPlan, device: torch.device) -> dict[str, float]:
+def validate(network, subjects: list[tio.Subject], task: Task, plan: NetworkPlan, device: torch.device,
+             precision: str = "auto") -> dict[str, float]:
     """Full-volume sliding-window inference on held-out cases (model space), mean Dice per organ."""
     network.eval()
     per_case = []
     for subject in subjects:
         logits = sliding_window_logits(network, subject["image"].data, plan.patch_size, task.inference.overlap,
-                                       task.inference.sw_batch_size, task.inference.blending, device)
+                                       task.inference.sw_batch_size, task.inference.blending, device, precision)
         predicted = logits.argmax(0).numpy().astype(np.uint8)
         per_case.append(dice_per_organ(subject["label"].data[0].numpy(), predicted, task.label_names))
     return {name: float(np.nanmean([c[name] for c in per_case])) if any(not math.isnan(c[name]) for c in per_case)
@@ -303,6 +306,7 @@ def fit(options: TrainOptions) -> Path:
         write_text(json.dumps(config, indent=2), folder / CONFIG_NAME)
     log = make_logger(folder)
     device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
     torch.manual_seed(options.seed)
     np.random.seed(options.seed)
     random.seed(options.seed)
@@ -319,9 +323,9 @@ def fit(options: TrainOptions) -> Path:
     val_subjects = [load_subject(cases[n], prep, task, cache) for n in split["validation"]]
     log.info(f"{task.name}: {len(train_subjects)} training / {len(val_subjects)} validation cases from {data}; "
              f"spacing {prep.spacing} mm, patch {task.patch_size}, {plan.name} {plan.filters}; "
-             f"preprocessed in {time.perf_counter() - start:.1f} s on {device}")
+             f"preprocessed in {time.perf_counter() - start:.1f} s on {device} ({precision})")
 
-    network = build_network(plan).to(device)
+    network = prepare_network(build_network(plan), device, precision)
     optimizer = make_optimizer(task, network)
     progress = Progress()
     if saved and (folder / "last.pt").is_file():
@@ -349,12 +353,12 @@ def fit(options: TrainOptions) -> Path:
         while progress.epoch < epochs and progress.fraction(total_steps, budget) < 1.0:
             epoch_start = time.perf_counter()
             loss = train_one_epoch(model, batches, loss_fn, optimizer, task, progress, total_steps, budget, device,
-                                   show_bar)
+                                   show_bar, precision)
             progress.epoch += 1
             done = progress.epoch >= epochs or progress.fraction(total_steps, budget) >= 1.0
             scores = {}
             if progress.epoch % task.schedule.validate_every == 0 or done:
-                scores = validate(network, val_subjects, task, plan, device)
+                scores = validate(network, val_subjects, task, plan, device, precision)
             mean = float(np.nanmean(list(scores.values()))) if scores else None
             if mean is not None and mean > progress.best_dice:
                 progress.best_dice = mean
