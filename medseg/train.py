@@ -180,7 +180,7 @@ def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: 
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, precision):
-            output = network(image)
+            output = network(image).float()  # loss in fp32: CPU autocast would leave softmax in bf16
             heads = list(torch.unbind(output, 1)) if output.dim() == 6 else output
             loss = loss_fn(heads, target)
         optimizer.zero_grad(set_to_none=True)
@@ -325,7 +325,7 @@ def fit(options: TrainOptions) -> Path:
              f"spacing {prep.spacing} mm, patch {task.patch_size}, {plan.name} {plan.filters}; "
              f"preprocessed in {time.perf_counter() - start:.1f} s on {device} ({precision})")
 
-    network = prepare_network(build_network(plan), device, precision)
+    network = prepare_network(build_network(plan), device, precision, training=True)
     optimizer = make_optimizer(task, network)
     progress = Progress()
     if saved and (folder / "last.pt").is_file():

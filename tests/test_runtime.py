@@ -57,11 +57,16 @@ def test_group_norm_swap_keeps_state_dict_and_values():
         assert torch.allclose(rebuilt(x), plain(x), atol=1e-5)
 
 
-def test_bf16_prepares_channels_last_weights(monkeypatch):
+@pytest.mark.parametrize("precision, training, channels_last", [
+    pytest.param("auto", False, True, id="bf16-inference"),
+    pytest.param("auto", True, False, id="bf16-training"),
+    pytest.param("fp32", False, False, id="fp32-inference"),
+])
+def test_memory_format_follows_precision_and_use(monkeypatch, precision, training, channels_last):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    network = prepare_network(tiny_dynunet(), CPU, "auto")
-    conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    network = prepare_network(tiny_dynunet(), CPU, precision, training=training)
+    conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) is channels_last
 
 
 def test_autocast_is_fp32_when_asked():
