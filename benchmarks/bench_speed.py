@@ -375,7 +375,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (default: torch's, one per core)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[144, 144, 64],
+    parser.add_argument("--shape", type=int, nargs=3, default=[192, 192, 80],
                         help="inference volume (X Y Z voxels at model spacing)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
