@@ -34,6 +34,19 @@ def _echo(message: str) -> None:
     typer.echo(message, err=True)
 
 
+PRECISION_HELP = ("auto, bf16 or fp32. auto: bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU runs bf16 "
+                  "natively, else fp32.")
+
+
+def _start_compute(precision: str) -> None:
+    """Check --precision before any work, and let glibc keep freed memory (medseg.runtime)."""
+    from medseg.runtime import PRECISIONS, keep_freed_memory
+
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    keep_freed_memory()
+
+
 @app.command("sample-data")
 def sample_data(
     task: str = typer.Option("prostate", "--task", "-t", help="Task whose phantom to generate."),
@@ -88,17 +101,19 @@ def train(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train with this many processes on this machine, one "
                               "per GPU (starts torchrun). Under torchrun, leave it out."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Train a 3D U-Net on a dataset (default: the bundled sample data, on the CPU).
 
     Under torchrun (or with --nproc) the processes train one model together
     with DistributedDataParallel; rank 0 writes the run folder.
     """
+    _start_compute(precision)
     from medseg.distributed import joined
     from medseg.train import TrainOptions, fit
 
     options = TrainOptions(task=task, data=data, out=out, epochs=epochs, max_minutes=max_minutes, device=device,
-                           seed=seed, folds=folds, fold=fold, resume=resume, compile=compile)
+                           seed=seed, folds=folds, fold=fold, resume=resume, compile=compile, precision=precision)
     if nproc > 1:
         raise typer.Exit(_run_torchrun(nproc, options))
     with joined(device, os.environ) as world:
@@ -144,17 +159,19 @@ def predict(
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-organ probability maps."),
     reference: Optional[List[Path]] = typer.Option(None, "--reference", "-r", help="Reference label map(s) or folder: also write metrics."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay PNGs for review."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Segment scans: writes <case>_seg.nii.gz on the scan's exact grid, volumes and overlays.
 
     Under torchrun the scans are shared among the processes; rank 0 writes
     summary.json and review.html.
     """
+    _start_compute(precision)
     from medseg.distributed import joined
     from medseg.predict import PredictOptions, predict_many
 
     options = PredictOptions(model=model, task=task, device=device, fast=fast, tta=tta, probabilities=probabilities,
-                             overlays=overlays)
+                             overlays=overlays, precision=precision)
     with joined(device, os.environ) as world:
         failures = predict_many(inputs, out, options, references=reference or [], world=world)
     if failures:

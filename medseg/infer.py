@@ -24,6 +24,7 @@ from medseg.errors import ConfigError, InputError
 from medseg.io import Grid, read_image
 from medseg.networks import NetworkPlan, build_network
 from medseg.preprocess import Preprocessing, preprocess
+from medseg.runtime import autocast, prepare_network, resolve_precision
 
 CONFIG_NAME = "config.json"
 
@@ -39,13 +40,6 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise InputError(f"unknown device '{device}' (expected auto, cpu, cuda or cuda:N)") from None
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPUs that support it; full precision elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
 # ---------------------------------------------------------------------------------- model folder
 
 
@@ -59,6 +53,7 @@ class ModelBundle:
     plan: NetworkPlan
     network: torch.nn.Module
     device: torch.device
+    precision: str = "auto"  # 'bf16' or 'fp32' once loaded; see medseg.runtime.resolve_precision
 
 
 def read_model_config(folder: Path) -> dict:
@@ -71,8 +66,13 @@ def read_model_config(folder: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({error})") from None
 
 
-def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best") -> ModelBundle:
-    """Rebuild the network from the folder's config.json and load `best.pt` (or `last.pt`)."""
+def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best",
+               precision: str = "auto") -> ModelBundle:
+    """Rebuild the network from the folder's config.json and load `best.pt` (or `last.pt`).
+
+    The network is laid out for `device` and `precision` ('auto', 'bf16', 'fp32') by
+    `medseg.runtime.prepare_network`.
+    """
     folder = Path(folder)
     config = read_model_config(folder)
     task = parse_task(config["task"], str(folder / CONFIG_NAME))
@@ -86,8 +86,10 @@ def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best
     network = build_network(plan)
     network.load_state_dict(state["model"])
     torch_device = resolve_device(device)
-    network.to(torch_device).eval()
-    return ModelBundle(folder, task, Preprocessing.from_dict(config["preprocessing"]), plan, network, torch_device)
+    precision = resolve_precision(precision, torch_device)
+    prepare_network(network, torch_device, precision).eval()
+    return ModelBundle(folder, task, Preprocessing.from_dict(config["preprocessing"]), plan, network, torch_device,
+                       precision)
 
 
 # ------------------------------------------------------------------------------- sliding window
@@ -95,18 +97,23 @@ def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best
 
 def sliding_window_logits(network: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], overlap: float,
                           sw_batch_size: int = 4, blending: str = "gaussian",
-                          device: torch.device = torch.device("cpu")) -> torch.Tensor:
+                          device: torch.device = torch.device("cpu"), precision: str = "auto") -> torch.Tensor:
     """Blend window logits over a whole volume.
+
+    Windows go through the network `sw_batch_size` at a time: at batch 1 PyTorch sends the small
+    convolutions of a window to its slow non-oneDNN path. Prepare the network with
+    `medseg.runtime.prepare_network` for the fast kernels; in fp32 the result is the same either way.
 
     Args:
         image: (C, X, Y, Z) preprocessed volume.
+        precision: 'auto', 'bf16' or 'fp32' (`medseg.runtime.resolve_precision`).
     Returns:
         (K, X, Y, Z) float32 logits on the CPU.
     """
     from monai.inferers import sliding_window_inference
 
     inputs = image[None].to(device=device, dtype=torch.float32)
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, precision):
         logits = sliding_window_inference(inputs, tuple(roi), sw_batch_size, network, overlap=overlap, mode=blending,
                                           padding_mode="replicate")
     return logits[0].float().cpu()
@@ -193,8 +200,8 @@ class Predictor:
     """`Predictor(model_dir).predict(image)`: the Python face of `medseg predict`."""
 
     def __init__(self, model: str | Path | ModelBundle, device: str = "auto", fast: bool = False,
-                 tta: bool | None = None, checkpoint: str = "best"):
-        self.bundle = model if isinstance(model, ModelBundle) else load_model(model, device, checkpoint)
+                 tta: bool | None = None, checkpoint: str = "best", precision: str = "auto"):
+        self.bundle = model if isinstance(model, ModelBundle) else load_model(model, device, checkpoint, precision)
         settings = self.bundle.task.inference
         self.overlap = settings.fast_overlap if fast else settings.overlap
         self.tta = settings.tta if tta is None else tta
@@ -207,7 +214,7 @@ class Predictor:
         """(C, X, Y, Z) preprocessed -> (K, X, Y, Z) logits."""
         bundle, settings = self.bundle, self.bundle.task.inference
         window = dict(roi=bundle.plan.patch_size, overlap=self.overlap, sw_batch_size=settings.sw_batch_size,
-                      blending=settings.blending, device=bundle.device)
+                      blending=settings.blending, device=bundle.device, precision=bundle.precision)
         flips = [(), (0,), (1,), (2,)] if self.tta else [()]
         return flipped_logits(bundle.network, image, bundle.task.swap_pairs(), flips, **window)
 

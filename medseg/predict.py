@@ -34,6 +34,7 @@ class PredictOptions:
     probabilities: bool = False
     overlays: bool = True
     runs: Path = Path("runs")
+    precision: str = "auto"  # auto, bf16 or fp32 (medseg.runtime.resolve_precision)
 
 
 def find_model(task: str, runs: Path = Path("runs")) -> Path:
@@ -125,7 +126,8 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
     log = logging.getLogger("medseg.predict")
     world = world or World(resolve_device(options.device))
     model = Path(options.model) if options.model else find_model(options.task, options.runs)
-    predictor = Predictor(model, device=str(world.device), fast=options.fast, tta=options.tta or None)
+    predictor = Predictor(model, device=str(world.device), fast=options.fast, tta=options.tta or None,
+                          precision=options.precision)
     task = predictor.task
     scans = expand_inputs(inputs)
     refs = match_references(references)

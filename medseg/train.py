@@ -43,6 +43,7 @@ from medseg.partial import CONTOURED, contoured_mask, set_contoured
 from medseg.preprocess import Preprocessing, pad_to, preprocess, resolve_preprocessing
 from medseg.runfolder import (MetricsTable, TensorBoard, load_checkpoint, make_logger, rng_state, save_checkpoint,
                               set_rng_state, silent_logger)
+from medseg.runtime import prepare_network, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class TrainOptions:
     fold: int = 0
     resume: bool = False
     compile: bool = False
+    precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU runs bf16 natively (medseg.runtime)
 
 
 # -------------------------------------------------------------------------------------- the data
@@ -174,7 +176,7 @@ class Progress:
 
 def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: Progress, total_steps: int,
                     budget: float | None, device: torch.device, show_bar: bool,
-                    world: World = World()) -> float:
+                    world: World = World(), precision: str = "auto") -> float:
     """Run up to `steps_per_epoch` steps (fewer if the budget runs out); returns this rank's mean loss.
 
     Each step's time is the slowest rank's, so that all ranks agree on when the budget is spent.
@@ -196,8 +198,8 @@ def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: 
         lr = learning_rate(task, progress.fraction(total_steps, budget))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(device):
-            output = network(image)
+        with autocast(device, precision):
+            output = network(image).float()  # loss in fp32: CPU autocast would leave softmax in bf16
             heads = list(torch.unbind(output, 1)) if output.dim() == 6 else output
             loss = loss_fn(heads, target, contoured)
         optimizer.zero_grad(set_to_none=True)
@@ -225,7 +227,7 @@ def dice_per_organ(reference: np.ndarray, predicted: np.ndarray, organs: dict[in
 
 
 def validate(network, subjects: list[tio.Subject], task: Task, plan: NetworkPlan, device: torch.device,
-             world: World = World()) -> dict[str, float]:
+             world: World = World(), precision: str = "auto") -> dict[str, float]:
     """Full-volume sliding-window inference on held-out cases (model space), mean Dice per organ.
 
     `subjects` are this rank's share; the per-case scores of all ranks are gathered, so every rank
@@ -235,7 +237,7 @@ def validate(network, subjects: list[tio.Subject], task: Task, plan: NetworkPlan
     per_case = []
     for subject in subjects:
         logits = sliding_window_logits(network, subject["image"].data, plan.patch_size, task.inference.overlap,
-                                       task.inference.sw_batch_size, task.inference.blending, device)
+                                       task.inference.sw_batch_size, task.inference.blending, device, precision)
         predicted = logits.argmax(0).numpy().astype(np.uint8)
         scores = dice_per_organ(subject["label"].data[0].numpy(), predicted, task.label_names)
         if CONTOURED in subject:  # an organ the case did not contour has no reference to score against
@@ -362,6 +364,7 @@ def fit(options: TrainOptions, world: World | None = None) -> Path:
     folder, (task, data, split, prep, plan, cases, config) = world.from_main(lambda: _open_run(options))
     log = make_logger(folder) if world.is_main else silent_logger()
     device = world.device
+    precision = resolve_precision(options.precision, device)
     _seed(options.seed + world.rank)  # sampling differs per rank; DDP gives all ranks rank 0's initial weights
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -379,9 +382,9 @@ def fit(options: TrainOptions, world: World | None = None) -> Path:
     shared = f", shared among {world.size} processes" if world.size > 1 else ""
     log.info(f"{task.name}: {len(split['train'])} training / {len(split['validation'])} validation cases "
              f"from {data}{shared}; spacing {prep.spacing} mm, patch {task.patch_size}, {plan.name} "
-             f"{plan.filters}; preprocessed in {time.perf_counter() - start:.1f} s on {device}")
+             f"{plan.filters}; preprocessed in {time.perf_counter() - start:.1f} s on {device} ({precision})")
 
-    network = build_network(plan).to(device)
+    network = prepare_network(build_network(plan), device, precision, training=True)
     optimizer = make_optimizer(task, network)
     progress = Progress()
     if options.resume and (folder / "last.pt").is_file():  # every rank reads it: the run folder is shared
@@ -416,13 +419,13 @@ def fit(options: TrainOptions, world: World | None = None) -> Path:
         while progress.epoch < epochs and progress.fraction(total_steps, budget) < 1.0:
             epoch_start = time.perf_counter()
             loss = train_one_epoch(model, batches, loss_fn, optimizer, task, progress, total_steps, budget, device,
-                                   show_bar, world)
+                                   show_bar, world, precision)
             loss = world.mean(loss)
             progress.epoch += 1
             done = progress.epoch >= epochs or progress.fraction(total_steps, budget) >= 1.0
             scores = {}
             if progress.epoch % task.schedule.validate_every == 0 or done:
-                scores = validate(network, val_subjects, task, plan, device, world)
+                scores = validate(network, val_subjects, task, plan, device, world, precision)
             mean = float(np.nanmean(list(scores.values()))) if scores else None
             improved = mean is not None and mean > progress.best_dice
             if improved:

@@ -222,3 +222,9 @@ def test_valid_dataset_with_two_problems_in_a_copy(dataset, capsys, tmp_path):
     assert "truncated or corrupt" in problems[0] and "label grid" in problems[1]
     assert out.splitlines()[-1] == "2 problems"
     assert run_main(capsys, "check-dataset", str(dataset), "-o", str(tmp_path / "fp.json"))[0] == 0
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_unknown_precision(tmp_path, capsys, command):
+    args = [command, "--precision", "fp16"] + ([str(tmp_path / "scan.nii.gz")] if command == "predict" else [])
+    assert_error(*run_main(capsys, *args), r"--precision 'fp16' is not one of auto, bf16, fp32")

@@ -48,7 +48,8 @@ def test_outside_torchrun_no_process_group_is_made():
 def test_nproc_passes_every_option_to_torchrun():
     options = TrainOptions(task="tiny.yaml", out=Path("runs/x"), max_minutes=0.0, seed=0, resume=True)
     assert train_arguments(options) == ["train", "--task", "tiny.yaml", "--out", "runs/x", "--max-minutes", "0.0",
-                                        "--device", "auto", "--seed", "0", "--folds", "5", "--fold", "0", "--resume"]
+                                        "--device", "auto", "--seed", "0", "--folds", "5", "--fold", "0", "--resume",
+                                        "--precision", "auto"]
 
 
 def test_nproc_under_torchrun_is_an_error(monkeypatch, capsys):
