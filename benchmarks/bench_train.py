@@ -39,14 +39,13 @@ def machine() -> dict:
 
 def bench_steps(steps: int, warmup: int = 3) -> dict:
     import torch
-    import torchio as tio
 
     from medseg.config import load_task, sample_data_dir
     from medseg.datasets import compute_fingerprint, load_dataset
-    from medseg.infer import autocast
     from medseg.networks import build_network, plan_network
     from medseg.preprocess import resolve_preprocessing
-    from medseg.train import make_loss, make_optimizer, load_subject, patch_batches
+    from medseg.runtime import keep_freed_memory, prepare_network, resolve_precision
+    from medseg.train import load_subject, make_loss, make_optimizer, patch_batches, train_step
 
     task = load_task("prostate")
     cases = load_dataset(sample_data_dir("prostate"))
@@ -58,7 +57,9 @@ def bench_steps(steps: int, warmup: int = 3) -> dict:
         start = time.perf_counter()
         subjects = [load_subject(case, prep, task, Path(cache)) for case in cases]
         preprocess_s = time.perf_counter() - start
-    network = build_network(plan)
+    keep_freed_memory()  # as the CLI does at start-up
+    precision = resolve_precision("auto", device)
+    network = prepare_network(build_network(plan), device, precision, training=True)
     optimizer = make_optimizer(task, network)
     loss_fn = make_loss(task, plan)
     batches = patch_batches(subjects, task, device)
@@ -67,16 +68,8 @@ def bench_steps(steps: int, warmup: int = 3) -> dict:
     for step in range(warmup + steps):
         t0 = time.perf_counter()
         batch = next(batches)
-        image, target = batch["image"][tio.DATA], batch["label"][tio.DATA]
         t1 = time.perf_counter()
-        with autocast(device):
-            output = network(image)
-            heads = list(torch.unbind(output, 1)) if output.dim() == 6 else output
-            loss = loss_fn(heads, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), task.schedule.grad_clip)
-        optimizer.step()
+        train_step(network, batch, loss_fn, optimizer, task, device, precision)
         t2 = time.perf_counter()
         if step >= warmup:
             data_s.append(t1 - t0)
@@ -86,7 +79,7 @@ def bench_steps(steps: int, warmup: int = 3) -> dict:
     return {
         "what": "medseg train step on the prostate task defaults (TorchIO Queue + LabelSampler + augmentation, "
                 f"{plan.name} {list(plan.filters)}, patch {list(task.patch_size)}, batch {task.schedule.batch_size}, "
-                f"num_workers {task.sampling.num_workers})",
+                f"num_workers {task.sampling.num_workers}, precision {precision})",
         "steps_timed": steps,
         "preprocess_all_cases_s": round(preprocess_s, 2),
         "seconds_per_step_median": round(float(np.median(step_s)), 4),

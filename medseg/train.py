@@ -174,6 +174,23 @@ class Progress:
         return max(self.step / total_steps, by_time)
 
 
+def train_step(network, batch: dict, loss_fn, optimizer, task: Task, device: torch.device,
+               precision: str = "auto") -> float:
+    """One optimisation step on a batch from `patch_batches`; returns the loss."""
+    image = batch["image"][tio.DATA].to(device, non_blocking=True)
+    target = batch["label"][tio.DATA].to(device, non_blocking=True)
+    contoured = batch[CONTOURED].to(device) if CONTOURED in batch else None
+    with autocast(device, precision):
+        output = network(image).float()  # loss in fp32: CPU autocast would leave softmax in bf16
+        heads = list(torch.unbind(output, 1)) if output.dim() == 6 else output
+        loss = loss_fn(heads, target, contoured)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(network.parameters(), task.schedule.grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
 def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: Progress, total_steps: int,
                     budget: float | None, device: torch.device, show_bar: bool,
                     world: World = World(), precision: str = "auto") -> float:
@@ -192,25 +209,15 @@ def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: 
             break
         start = time.perf_counter()
         batch = next(batches)
-        image = batch["image"][tio.DATA].to(device, non_blocking=True)
-        target = batch["label"][tio.DATA].to(device, non_blocking=True)
-        contoured = batch[CONTOURED].to(device) if CONTOURED in batch else None
         lr = learning_rate(task, progress.fraction(total_steps, budget))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(device, precision):
-            output = network(image).float()  # loss in fp32: CPU autocast would leave softmax in bf16
-            heads = list(torch.unbind(output, 1)) if output.dim() == 6 else output
-            loss = loss_fn(heads, target, contoured)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), task.schedule.grad_clip)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        loss = train_step(network, batch, loss_fn, optimizer, task, device, precision)
+        losses.append(loss)
         progress.step += 1
         progress.seconds += world.max(time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2g}",
-                        patches_per_s=f"{image.shape[0] / (time.perf_counter() - start):.1f}")
+                        patches_per_s=f"{len(batch['image'][tio.DATA]) / (time.perf_counter() - start):.1f}")
         bar.update()
     bar.close()
     return float(np.mean(losses)) if losses else float("nan")
