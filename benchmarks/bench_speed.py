@@ -377,6 +377,7 @@ def main() -> None:
                         help="torch threads (default: torch's, one per core)")
     parser.add_argument("--shape", type=int, nargs=3, default=[192, 192, 80],
                         help="inference volume (X Y Z voxels at model spacing)")
+    parser.add_argument("--tag", default="", help="suffix of the results key, e.g. 'loaded' for a run on a busy machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start, load_at_start = time.perf_counter(), os.getloadavg()
@@ -390,7 +391,8 @@ def main() -> None:
     section["machine"] = machine() | {"loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg()}
     section["seconds"] = time.perf_counter() - start
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results.setdefault(args.section, {})[f"threads_{args.threads}"] = section
+    key = f"threads_{args.threads}" + (f"_{args.tag}" if args.tag else "")
+    results.setdefault(args.section, {})[key] = section
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(section, indent=2))
