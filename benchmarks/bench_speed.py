@@ -208,16 +208,16 @@ def levers(repeats: int) -> dict:
     }
     variants = [
         Variant("plain: batch 1, NCDHW, InstanceNorm, fp32, glibc default", forward(network, batch=1), False),
-        Variant("+ batch 4 windows (kept)", forward(network), False),
+        Variant("+ batch 4 windows (task sw_batch_size), glibc default", forward(network), False),
         Variant("+ batch 4 + keep freed memory (kept)", forward(network), True),
         Variant("+ batch 4 + keep memory + GroupNorm kernel = medseg fp32 (kept)", forward(nets["gn"]), True),
-        Variant("medseg fp32 at batch 1 (batching dropped)", forward(nets["gn"], batch=1), True),
+        Variant("medseg fp32 at batch 1 (batching: neutral)", forward(nets["gn"], batch=1), True),
         Variant("batch 4 + keep memory + channels_last_3d with InstanceNorm (dropped)", forward(nets["cl"]), True),
         Variant("medseg fp32 + channels_last_3d (dropped in fp32: drifts > 1e-4)", forward(nets["gn_cl"]), True),
     ]
     if native:
         variants += [
-            Variant("medseg fp32 + bf16 autocast, NCDHW", forward(nets["bf16_ncdhw"], bf16=True), True),
+            Variant("medseg fp32 + bf16 autocast, NCDHW (training layout)", forward(nets["bf16_ncdhw"], bf16=True), True),
             Variant("medseg bf16 = medseg fp32 + bf16 autocast + channels_last_3d (kept where bf16 is native)",
                     forward(nets["bf16"], bf16=True), True),
         ]
@@ -377,6 +377,7 @@ def main() -> None:
                         help="torch threads (default: torch's, one per core)")
     parser.add_argument("--shape", type=int, nargs=3, default=[192, 192, 80],
                         help="inference volume (X Y Z voxels at model spacing)")
+    parser.add_argument("--tag", default="", help="suffix of the results key, e.g. 'loaded' for a run on a busy machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start, load_at_start = time.perf_counter(), os.getloadavg()
@@ -390,7 +391,8 @@ def main() -> None:
     section["machine"] = machine() | {"loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg()}
     section["seconds"] = time.perf_counter() - start
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results.setdefault(args.section, {})[f"threads_{args.threads}"] = section
+    key = f"threads_{args.threads}" + (f"_{args.tag}" if args.tag else "")
+    results.setdefault(args.section, {})[key] = section
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(section, indent=2))
