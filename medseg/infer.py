@@ -144,37 +144,96 @@ def resample_probabilities(probabilities: torch.Tensor, source_ras_affine: np.nd
                            slab_voxels: int = 1 << 22, keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Trilinear probabilities on `target`'s voxels, then argmax, a slab of k-slices at a time.
 
+    The model grid is the scan's grid reoriented (axes permuted and flipped) and rescaled, so a target
+    axis runs along one model axis and trilinear interpolation splits into three 1D passes (exactly
+    `grid_sample`'s trilinear, border padding, aligned corners), ~10x cheaper on a 512x512 CT. Any
+    other mapping takes the general `grid_sample` path.
+
     Args:
         probabilities: (K, X', Y', Z') on the model grid whose voxel->RAS affine is `source_ras_affine`.
         keep: also return the resampled probabilities as uint8 percent (K, X, Y, Z).
     Returns:
         labels (X, Y, Z) uint8 on `target`, and the probabilities if `keep`.
     """
-    size = np.array(probabilities.shape[1:])
-    # target voxel -> model voxel, both through RAS world
-    mapping = np.linalg.inv(source_ras_affine) @ target.ras_affine
+    mapping = np.linalg.inv(source_ras_affine) @ target.ras_affine  # target voxel -> model voxel
     nx, ny, nz = target.shape
     labels = np.empty(target.shape, np.uint8)
     kept = np.empty((probabilities.shape[0], *target.shape), np.uint8) if keep else None
-    volume = probabilities[None].float()  # (1, K, D=X', H=Y', W=Z')
-    ii, jj = torch.meshgrid(torch.arange(nx, dtype=torch.float64), torch.arange(ny, dtype=torch.float64), indexing="ij")
-    plane = torch.stack([ii, jj], -1)  # (X, Y, 2)
-    matrix = torch.from_numpy(mapping[:3, :3])
-    offset = torch.from_numpy(mapping[:3, 3])
-    scale = torch.from_numpy(2.0 / np.maximum(size - 1, 1))
+    axes = _axis_aligned(mapping)
+    slabs = _separable_slabs(probabilities, axes, target.shape) if axes else _general_slabs(probabilities, mapping,
+                                                                                             target.shape)
     step = max(1, slab_voxels // max(nx * ny, 1))
     for k0 in range(0, nz, step):
-        ks = torch.arange(k0, min(nz, k0 + step), dtype=torch.float64)
+        ks = np.arange(k0, min(nz, k0 + step))
+        slab = slabs(ks)  # (X, Y, k, K)
+        labels[:, :, k0:k0 + len(ks)] = slab.argmax(-1).to(torch.uint8).numpy()
+        if keep:
+            kept[:, :, :, k0:k0 + len(ks)] = (slab.clamp(0, 1) * 100).round().to(torch.uint8).permute(3, 0, 1, 2).numpy()
+    return labels, kept
+
+
+def _axis_aligned(mapping: np.ndarray) -> list[tuple[int, float, float]] | None:
+    """Per target axis (model axis, scale, offset) if the mapping only permutes, flips and scales axes."""
+    matrix, axes = mapping[:3, :3], []
+    for t in range(3):
+        column = np.abs(matrix[:, t])
+        s = int(np.argmax(column))
+        if np.delete(column, s).max() > 1e-6 * column[s]:
+            return None
+        axes.append((s, float(matrix[s, t]), float(mapping[s, 3])))
+    return axes if len({a[0] for a in axes}) == 3 else None
+
+
+def _linear_taps(coordinates: np.ndarray, size: int, first: int = 0):
+    """Neighbour indices (relative to `first`) and weights of 1D linear interpolation, border-clamped."""
+    c = np.clip(coordinates, 0, size - 1)
+    low = np.minimum(np.floor(c).astype(np.int64), size - 1)
+    high = np.minimum(low + 1, size - 1)
+    return torch.from_numpy(low - first), torch.from_numpy(high - first), torch.from_numpy(c - low).float()
+
+
+def _lerp_axis(volume: torch.Tensor, dim: int, taps) -> torch.Tensor:
+    low, high, weight = taps
+    shape = [1] * volume.dim()
+    shape[dim] = -1
+    return torch.lerp(volume.index_select(dim, low), volume.index_select(dim, high), weight.view(shape))
+
+
+def _separable_slabs(probabilities: torch.Tensor, axes, shape):
+    # (X', Y', Z', K): model axes in target order, classes last, so each 1D pass gathers whole
+    # contiguous rows (a strided gather along an inner axis costs ~10x more)
+    volume = probabilities.float().permute(*(1 + s for s, _, _ in axes), 0).contiguous()
+    sizes = volume.shape[:3]
+    in_plane = [_linear_taps(scale * np.arange(n) + offset, size)
+                for (_, scale, offset), n, size in zip(axes[:2], shape[:2], sizes[:2])]
+    _, scale_z, offset_z = axes[2]
+
+    def slab(ks: np.ndarray) -> torch.Tensor:
+        coordinates = np.clip(scale_z * ks + offset_z, 0, sizes[2] - 1)
+        first, last = int(np.floor(coordinates.min())), min(int(np.floor(coordinates.max())) + 1, sizes[2] - 1)
+        out = _lerp_axis(volume.narrow(2, first, last - first + 1), 2, _linear_taps(coordinates, sizes[2], first))
+        return _lerp_axis(_lerp_axis(out, 0, in_plane[0]), 1, in_plane[1])  # (X, Y, k, K)
+
+    return slab
+
+
+def _general_slabs(probabilities: torch.Tensor, mapping: np.ndarray, shape):
+    volume = probabilities[None].float()  # (1, K, D=X', H=Y', W=Z')
+    nx, ny, _ = shape
+    ii, jj = torch.meshgrid(torch.arange(nx, dtype=torch.float64), torch.arange(ny, dtype=torch.float64), indexing="ij")
+    plane = torch.stack([ii, jj], -1)  # (X, Y, 2)
+    matrix, offset = torch.from_numpy(mapping[:3, :3]), torch.from_numpy(mapping[:3, 3])
+    scale = torch.from_numpy(2.0 / np.maximum(np.array(probabilities.shape[1:]) - 1, 1))
+
+    def slab(ks: np.ndarray) -> torch.Tensor:
+        ks = torch.from_numpy(ks.astype(np.float64))
         index = torch.cat([plane[:, :, None, :].expand(nx, ny, len(ks), 2),
                            ks[None, None, :, None].expand(nx, ny, len(ks), 1)], -1)  # (X, Y, k, 3)
-        model_index = index @ matrix.T + offset
-        normalised = (model_index * scale - 1).flip(-1).to(torch.float32)  # grid_sample wants (W, H, D)
-        slab = torch.nn.functional.grid_sample(volume, normalised[None], mode="bilinear", padding_mode="border",
-                                               align_corners=True)[0]  # (K, X, Y, k)
-        labels[:, :, k0:k0 + len(ks)] = slab.argmax(0).to(torch.uint8).numpy()
-        if keep:
-            kept[:, :, :, k0:k0 + len(ks)] = (slab.clamp(0, 1) * 100).round().to(torch.uint8).numpy()
-    return labels, kept
+        normalised = ((index @ matrix.T + offset) * scale - 1).flip(-1).to(torch.float32)  # (W, H, D) order
+        return torch.nn.functional.grid_sample(volume, normalised[None], mode="bilinear", padding_mode="border",
+                                               align_corners=True)[0].permute(1, 2, 3, 0)  # (X, Y, k, K)
+
+    return slab
 
 
 # ------------------------------------------------------------------------------------ predictor
