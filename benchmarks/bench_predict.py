@@ -292,8 +292,11 @@ def main() -> None:
     text = json.dumps(result, indent=2)
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    name = "predict.json" if args.parts != ["resample"] else "predict_resample.json"
-    (RESULTS / name).write_text(text + "\n")
+    path = RESULTS / "predict.json"  # parts run separately accumulate in one file
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    for part in args.parts:
+        merged[part] = {**result[part], "command": result["command"], "machine": result["machine"]}
+    path.write_text(json.dumps(merged, indent=2) + "\n")
 
 
 if __name__ == "__main__":
