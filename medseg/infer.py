@@ -307,7 +307,10 @@ class Predictor:
 
         start = time.perf_counter()
         labels, kept = resample_probabilities(probabilities, subject["image"].affine, grid, keep=keep_probabilities)
+        seconds["resample"] = time.perf_counter() - start
+
+        start = time.perf_counter()
         keep_ids = [self.task.label_id(name) for name in self.task.inference.largest_component]
         labels = keep_largest_component(labels, keep_ids)
-        seconds["resample"] = time.perf_counter() - start
+        seconds["postprocess"] = time.perf_counter() - start
         return Segmentation(labels, grid, self.task.label_names, kept, seconds)
