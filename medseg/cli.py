@@ -188,7 +188,8 @@ def evaluate(
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder for metrics.csv, summary.json, plots."),
 ) -> None:
     """Per-organ Dice, IoU, surface distances and volumes of predictions against references."""
-    from medseg.evaluate import format_table, run_evaluation
+    from medseg.evaluate import run_evaluation
+    from medseg.report import format_table
 
     summary = run_evaluation(pred, ref, out, task=task, labels=labels, warn=_echo)
     typer.echo(format_table(summary))

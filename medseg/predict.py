@@ -83,7 +83,8 @@ def write_outputs(seg: Segmentation, image, case: str, out: Path, task, options:
     row = {"case": case, "volumes_ml": {k: v["volume_ml"] for k, v in seg.volumes().items()}, "overlays": []}
     ref_labels = None
     if reference is not None:
-        from medseg.evaluate import evaluate_case, write_report
+        from medseg.evaluate import evaluate_case
+        from medseg.report import write_report
 
         ref_labels, ref_grid = read_label(reference)
         if not ref_grid.matches(seg.grid):

@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from medseg import metrics
-from medseg.evaluate import CASE_ORGAN, evaluate_case, summarize
+from medseg.evaluate import CASE_ORGAN, evaluate_case
+from medseg.report import summarize
 
 SPACING = (0.8, 1.1, 2.5)  # mm, anisotropic on purpose
 SHAPE = (48, 40, 24)
