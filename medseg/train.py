@@ -36,14 +36,14 @@ from medseg.config import Task, load_task, parse_task, sample_data_dir, task_to_
 from medseg.datasets import Case, compute_fingerprint, load_dataset
 from medseg.distributed import World
 from medseg.errors import InputError
-from medseg.infer import CONFIG_NAME, autocast, resolve_device, sliding_window_logits
-from medseg.io import Grid, read_image, read_label, write_text
+from medseg.infer import CONFIG_NAME, resolve_device, sliding_window_logits
+from medseg.io import read_image, read_label, write_text
 from medseg.networks import NetworkPlan, build_network, plan_network
 from medseg.partial import CONTOURED, contoured_mask, set_contoured
 from medseg.preprocess import Preprocessing, pad_to, preprocess, resolve_preprocessing
 from medseg.runfolder import (MetricsTable, TensorBoard, load_checkpoint, make_logger, rng_state, save_checkpoint,
                               set_rng_state, silent_logger)
-from medseg.runtime import prepare_network, resolve_precision
+from medseg.runtime import autocast, prepare_network, resolve_precision
 
 
 @dataclass(frozen=True)
