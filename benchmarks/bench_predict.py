@@ -38,24 +38,36 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SPACING = (0.8, 0.8, 2.5)
 
 
-def make_scan(path: Path, slices: int) -> Path:
-    """A 512 x 512 x `slices` int16 CT of a pelvic phantom, LPS, air outside the phantom's box."""
-    import SimpleITK as sitk
+def make_scan(path: Path, slices: int, labels_path: Path | None = None) -> Path:
+    """A 512 x 512 x `slices` int16 CT (0.8 x 0.8 x 2.5 mm, LPS) with a patient in every slice.
 
-    from medseg.io import Grid, from_array, write_image
+    The bundled-style phantom (239 x 160 x 105 mm) is scaled 1.45x in-plane to an adult pelvis's
+    347 x 232 mm in the 410 mm field of view, and its slices are repeated head to foot and back
+    (mirrored) to fill all `slices`, so the body covers the scan as on a real planning CT and the
+    air around it is what a real scan has, no more. `labels_path` also writes its organ labels.
+    """
+    from scipy import ndimage
+
+    from medseg.io import Grid, write_image, write_label_map
     from medseg.phantom import make_case
 
-    image, _, grid = make_case(3, spacing=SPACING, orientation="LPS")
-    source = from_array(image, grid)
-    centre = np.asarray(grid.affine[:3, :3] @ (np.asarray(grid.shape) - 1) / 2 + grid.affine[:3, 3])
-    shape = (512, 512, slices)
-    origin = centre - (np.asarray(shape) - 1) / 2 * np.asarray(SPACING)
-    target = Grid(shape, SPACING, tuple(origin.tolist()), tuple(np.eye(3).ravel().tolist()))
-    reference = target.apply_to(sitk.Image(list(shape), sitk.sitkInt16))
-    resampled = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkInt16)
-    from medseg.io import to_array
-
-    return write_image(to_array(resampled), target, path)
+    image, labels, _ = make_case(3, spacing=SPACING, orientation="LPS")  # (299, 200, 42)
+    period = np.r_[np.arange(image.shape[2]), np.arange(image.shape[2])[::-1]]
+    index = period[np.arange(slices) % len(period)]
+    scale = 1.45
+    body = np.full((512, 512, slices), -1000, np.int16)
+    mask = np.zeros((512, 512, slices), np.uint8)
+    for source, target, order in ((image, body, 1), (labels, mask, 0)):
+        plane = [ndimage.zoom(source[:, :, k], scale, order=order, prefilter=False) for k in range(source.shape[2])]
+        nx, ny = plane[0].shape
+        x0, y0 = (512 - nx) // 2, (512 - ny) // 2
+        for z, k in enumerate(index):
+            target[x0:x0 + nx, y0:y0 + ny, z] = plane[k]
+    origin = -(np.asarray(body.shape) - 1) / 2 * np.asarray(SPACING)
+    grid = Grid(body.shape, SPACING, tuple(origin.tolist()), tuple(np.eye(3).ravel().tolist()))
+    if labels_path is not None:
+        write_label_map(mask, grid, labels_path)
+    return write_image(body, grid, path)
 
 
 def make_model_folder(folder: Path) -> Path:

@@ -159,6 +159,7 @@ class Inference:
     sw_batch_size: int = 4  # windows per forward: batches keep conv3d on the fast oneDNN path
     tta: bool = False  # test-time flips by default
     largest_component: tuple[str, ...] = ()  # organs reduced to their largest connected component
+    crop_to_body: bool = True  # CT: windows only over the body's bounding box (air > -500 HU is skipped)
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from medseg.config import Task, parse_task
 from medseg.errors import ConfigError, InputError
 from medseg.io import Grid, read_image
 from medseg.networks import NetworkPlan, build_network
-from medseg.preprocess import Preprocessing, preprocess
+from medseg.preprocess import Preprocessing, normalize_, to_model_grid
 from medseg.runtime import autocast, prepare_network, resolve_precision
 
 CONFIG_NAME = "config.json"
@@ -257,7 +258,9 @@ class Segmentation:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
 
     def volumes(self) -> dict[str, dict[str, float]]:
-        counts = np.bincount(self.labels.ravel(), minlength=max(self.organs) + 1)
+        from medseg.metrics import voxel_counts
+
+        counts = voxel_counts(self.labels, minlength=max(self.organs) + 1)
         return {name: {"volume_ml": float(counts[i] * self.grid.voxel_volume_ml), "voxels": int(counts[i])}
                 for i, name in self.organs.items()}
 
@@ -290,7 +293,7 @@ class Predictor:
         from medseg.postprocess import keep_largest_component
 
         seconds, start = {}, time.perf_counter()
-        array, grid = image if isinstance(image, tuple) and isinstance(image[1], Grid) else read_image(image)
+        array, grid = image if isinstance(image, tuple) and isinstance(image[1], Grid) else read_image(image, None)
         if array.ndim == 3:
             array = array[None]
         if array.shape[0] != len(self.task.channels):
@@ -298,15 +301,19 @@ class Predictor:
         seconds["read"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        subject = preprocess(self.bundle.preprocessing, array, grid)
+        prep = self.bundle.preprocessing
+        volume, model = to_model_grid(array, grid, prep.spacing)  # the scan's units (HU), float32
+        box = self.body_box(volume[0])
+        volume = normalize_(volume[(slice(None), *box)].contiguous(), prep)
         seconds["preprocess"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        probabilities = _softmax_(self.logits(subject["image"].data))
+        probabilities = _softmax_(self.logits(volume))
+        del volume
         seconds["inference"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        labels, kept = resample_probabilities(probabilities, subject["image"].affine, grid, keep=keep_probabilities)
+        labels, kept = resample_box(probabilities, box, model, grid, keep_probabilities)
         seconds["resample"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -314,3 +321,86 @@ class Predictor:
         labels = keep_largest_component(labels, keep_ids)
         seconds["postprocess"] = time.perf_counter() - start
         return Segmentation(labels, grid, self.task.label_names, kept, seconds)
+
+    def body_box(self, volume: torch.Tensor) -> tuple[slice, slice, slice]:
+        """Where the windows go on the model grid: around the body on a CT (`inference.crop_to_body`)."""
+        if self.task.modality != "CT" or not self.task.inference.crop_to_body:
+            return tuple(slice(0, n) for n in volume.shape)
+        return body_box(volume, self.bundle.plan.patch_size)
+
+
+# ---------------------------------------------------------------------------------- body crop
+
+BODY_HU = -500.0  # air is ~-1000 HU and lung ~-800, fat ~-100: anything denser is patient (or table)
+
+
+def body_box(hu: torch.Tensor, roi: Sequence[int], threshold: float = BODY_HU, margin: int = 2,
+             min_voxels: int = 16) -> tuple[slice, slice, slice]:
+    """The bounding box of everything denser than air, plus `margin` voxels, at least a window large.
+
+    Sliding windows over the air around a patient (a third to half of a 512 x 512 CT slice) only
+    confirm background; TotalSegmentator and nnU-Net crop them away too. A plane counts as body when
+    it holds at least `min_voxels` such voxels, so specks of noise in the air do not stretch the box.
+
+    Args:
+        hu: (X, Y, Z) on the model grid, in Hounsfield units.
+        roi: the window size; the box is grown (inside the volume) to at least this size.
+    """
+    dense = hu > threshold
+    box = []
+    for axis, (size, window) in enumerate(zip(hu.shape, roi)):
+        others = tuple(a for a in range(3) if a != axis)
+        planes = torch.nonzero(dense.sum(others) >= min_voxels).flatten()
+        if len(planes) == 0:
+            return tuple(slice(0, n) for n in hu.shape)
+        low, high = int(planes[0]) - margin, int(planes[-1]) + 1 + margin
+        grow = max(0, min(window, size) - (high - low))
+        low, high = low - grow // 2, high + grow - grow // 2
+        if low < 0:  # slide back inside the volume, keeping the size
+            low, high = 0, high - low
+        if high > size:
+            low, high = low - (high - size), size
+        box.append(slice(max(0, low), high))
+    return tuple(box)
+
+
+def resample_box(probabilities: torch.Tensor, box: tuple[slice, slice, slice], model: Grid, target: Grid,
+                 keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """`resample_probabilities` for probabilities computed on `box` of the model grid only.
+
+    Outside the box is background. The box's probabilities get a one-voxel rim, background where the
+    box ends inside the volume and the edge values where the volume itself ends (the border clamping
+    of the uncropped way), and only the target voxels near the box are interpolated.
+    """
+    full = all(s.start == 0 and s.stop == n for s, n in zip(box, model.shape))
+    if full:
+        return resample_probabilities(probabilities, model.ras_affine, target, keep=keep)
+    rim = F.pad(probabilities[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0]
+    for axis, (s, n) in enumerate(zip(box, model.shape)):
+        for index, inside in ((0, s.start > 0), (-1, s.stop < n)):
+            if inside:
+                face = rim.select(axis + 1, index)
+                face.zero_()
+                face[0] = 1.0
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start - 1 for s in box]
+    source = model.ras_affine @ shift  # rim voxel -> RAS
+    # The target voxels the rim's corners reach, one voxel wider; every other voxel is background.
+    corners = np.stack(np.meshgrid(*[[0, n - 1] for n in rim.shape[1:]], indexing="ij"), -1).reshape(-1, 3)
+    reached = (np.linalg.inv(target.ras_affine) @ source @ np.c_[corners, np.ones(8)].T)[:3].T
+    low = np.clip(np.floor(reached.min(0)).astype(int) - 1, 0, target.shape)
+    high = np.clip(np.ceil(reached.max(0)).astype(int) + 2, 0, target.shape)
+    labels = np.zeros(target.shape, np.uint8)
+    kept = None
+    if keep:
+        kept = np.zeros((probabilities.shape[0], *target.shape), np.uint8)
+        kept[0] = 100
+    if np.any(high <= low):
+        return labels, kept
+    part = (slice(low[0], high[0]), slice(low[1], high[1]), slice(low[2], high[2]))
+    origin = target.affine @ np.r_[low, 1.0]
+    sub = Grid(tuple(int(n) for n in high - low), target.spacing, tuple(origin[:3].tolist()), target.direction)
+    labels[part], sub_kept = resample_probabilities(rim, source, sub, keep=keep)
+    if keep:
+        kept[(slice(None), *part)] = sub_kept
+    return labels, kept

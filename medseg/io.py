@@ -199,8 +199,10 @@ def to_array(image: sitk.Image, dtype: type | None = None) -> np.ndarray:
     return np.array(array, dtype=dtype or array.dtype, copy=True)
 
 
-def read_image(paths: str | Path | Sequence[str | Path]) -> tuple[np.ndarray, Grid]:
-    """A scan as float32 (C, X, Y, Z) plus its grid; several files (e.g. T2 + ADC) become channels.
+def read_image(paths: str | Path | Sequence[str | Path], dtype: type | None = np.float32) -> tuple[np.ndarray, Grid]:
+    """A scan as (C, X, Y, Z) plus its grid; several files (e.g. T2 + ADC) become channels.
+
+    `dtype` None keeps the file's voxel type: a CT's int16 is half the memory of float32.
 
     Raises `InputError` for unreadable files, non-3D images, channels on different grids and
     NaN/inf voxels.
@@ -214,8 +216,8 @@ def read_image(paths: str | Path | Sequence[str | Path]) -> tuple[np.ndarray, Gr
         this = Grid.of(image)
         if grid is not None and not grid.matches(this):
             raise InputError(f"{path}: channel grid ({this.describe()}) differs from {paths[0]} ({grid.describe()})")
-        array = to_array(image, np.float32)
-        if not np.isfinite(array).all():
+        array = to_array(image, dtype)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InputError(f"{path}: image has {int((~np.isfinite(array)).sum())} NaN/inf voxels")
         channels.append(array)
         grid = grid or this

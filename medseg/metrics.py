@@ -70,6 +70,21 @@ def _ratio(numerator: float, denominator: float) -> float:
 # ------------------------------------------------------------------------------------- overlap
 
 
+def voxel_counts(labels: np.ndarray, minlength: int = 256) -> np.ndarray:
+    """Voxels of each label value in an integer label map, as int64 (`np.bincount` of every voxel).
+
+    torch's bincount takes uint8 as it is; numpy's first converts every voxel to int64 (0.4 GB for a
+    512x512x200 mask) and is ~10x slower.
+    """
+    import torch
+
+    flat = np.asarray(labels).ravel(order="K")  # memory order: no copy for a Fortran-ordered array
+    if flat.dtype != np.uint8:
+        return np.bincount(flat, minlength=minlength)
+    return torch.bincount(torch.from_numpy(flat), minlength=minlength).numpy()
+
+
+
 def confusion(ref_mask: np.ndarray, pred_mask: np.ndarray) -> tuple[int, int, int, int]:
     """Voxel counts (tp, fp, fn, tn) of a binary prediction against a binary reference.
 

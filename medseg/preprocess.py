@@ -4,6 +4,12 @@ The same `Preprocessing` (stored in every model folder) runs in training, valida
 predict`, so a model never sees data prepared differently from what it was trained on. TorchIO does
 the spatial work; intensities follow nnU-Net: CT is clipped (task window, or the dataset's foreground
 0.5/99.5 percentiles) and normalised with the dataset's foreground mean and std; MR is z-scored per image.
+
+Prediction takes a shorter road to the same place: `to_model_grid` works out the grid that TorchIO's
+ToCanonical + Resample would produce from the scan's geometry alone, and resamples the scan onto it in
+one SimpleITK call, straight from the file's integer voxels. A 512x512x300 CT then never exists as a
+float copy at full resolution (TorchIO's road makes three), and the result equals TorchIO's (a test
+checks it for every orientation).
 """
 
 from __future__ import annotations
@@ -11,12 +17,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from functools import partial
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torchio as tio
 
 from medseg.config import Task
-from medseg.io import Grid
+from medseg.errors import InputError
+from medseg.io import Grid, from_array, to_array
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,10 @@ def resolve_preprocessing(task: Task, fingerprint: dict) -> Preprocessing:
 
 def _normalize(tensor: torch.Tensor, channels: tuple[ChannelIntensity, ...]) -> torch.Tensor:
     """(C, X, Y, Z) clip and scale per channel, in float32."""
-    out = tensor.to(torch.float32)
+    return _normalize_inplace(tensor.to(torch.float32), channels)
+
+
+def _normalize_inplace(out: torch.Tensor, channels: tuple[ChannelIntensity, ...]) -> torch.Tensor:
     for c, stats in enumerate(channels):
         if stats.clip is not None:
             out[c].clamp_(*stats.clip)
@@ -104,3 +116,62 @@ def pad_to(subject: tio.Subject, size: tuple[int, int, int]) -> tio.Subject:
     for m in missing:
         padding += [m // 2, m - m // 2]
     return tio.Pad(padding, padding_mode="minimum")(subject)
+
+
+# ------------------------------------------------------------------------- prediction's road
+
+
+def model_grid(spacing: tuple[float, float, float], grid: Grid) -> Grid:
+    """The grid `ToCanonical()` then `Resample(spacing)` put a scan on, from its geometry alone.
+
+    The arithmetic is TorchIO's own (nibabel's reorientation, then `Resample.get_reference_image`:
+    floor of the extent over the new spacing, centred on the old extent), so that sizes that sit on a
+    rounding edge (128 x 3.906 / 3.906) come out as TorchIO makes them.
+    """
+    from torchio.data.io import get_sitk_metadata_from_ras_affine
+
+    ras = grid.ras_affine
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(ras), nib.orientations.axcodes2ornt("RAS"))
+    canonical = ras @ nib.orientations.inv_ornt_aff(ornt, grid.shape)
+    shape = nib.orientations.apply_orientation(np.broadcast_to(np.uint8(0), grid.shape), ornt).shape  # a view
+    origin, old_spacing, direction = (np.asarray(v, dtype=float) for v in get_sitk_metadata_from_ras_affine(canonical))
+    matrix = direction.reshape(3, 3)
+    old_size = np.asarray(shape)
+    centre = (origin + matrix @ ((old_size - 1) * old_spacing) + origin) / 2
+    new_spacing = np.asarray(spacing, dtype=float)
+    new_size = np.floor(old_size * old_spacing / new_spacing)
+    new_size[old_size == 1] = 1
+    new_origin = centre - matrix @ ((new_size - 1) / 2 * new_spacing)
+    return Grid(tuple(int(n) for n in new_size), tuple(new_spacing.tolist()), tuple(new_origin.tolist()),
+                tuple(direction.tolist()))
+
+
+def to_model_grid(image: np.ndarray, grid: Grid, spacing: tuple[float, float, float]) -> tuple[torch.Tensor, Grid]:
+    """Linear resampling of every channel onto `model_grid`, as float32 in the scan's own units.
+
+    Args:
+        image: (C, X, Y, Z), any numeric dtype (keep a CT's int16: it is half the memory of float32).
+    Returns:
+        (C, X', Y', Z') float32 and the model grid; the grid's `ras_affine` is what TorchIO would give.
+    """
+    target = model_grid(spacing, grid)
+    channels = []
+    for channel in image:
+        resampled = sitk.Resample(from_array(channel, grid), list(target.shape), sitk.Transform(), sitk.sitkLinear,
+                                  target.origin, target.spacing, target.direction, 0.0, sitk.sitkFloat32)
+        channels.append(torch.from_numpy(to_array(resampled)))
+    return torch.stack(channels) if len(channels) > 1 else channels[0][None], target
+
+
+def normalize_(volume: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """The intensity half of `transform(prep)`, in place on a (C, X, Y, Z) float32 volume."""
+    if prep.normalize == "dataset" or (prep.normalize != "image" and any(c.clip for c in prep.channels)):
+        return _normalize_inplace(volume, prep.channels)
+    if prep.normalize == "image":
+        if any(c.clip for c in prep.channels):
+            _normalize_inplace(volume, prep.channels)
+        std = volume.std()  # as TorchIO's ZNormalization: one mean and std over all channels together
+        if std == 0:
+            raise InputError("image has the same value everywhere (standard deviation 0); cannot normalise it")
+        volume.sub_(volume.mean()).div_(std)
+    return volume

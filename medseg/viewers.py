@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from medseg.config import DEFAULT_COLORS, Label
 from medseg.io import Grid, from_array, write_sitk, write_text
+from medseg.metrics import voxel_counts
 
 ITKSNAP_HEADER = """\
 ################################################
@@ -49,7 +50,7 @@ def _labels_to_write(labels: np.ndarray, task_labels: Sequence[Label]) -> list[L
     """The task's labels, plus a generic one for any value in the mask the task does not name."""
     known = {label.id for label in task_labels}
     extra = [Label(int(v), f"label_{v}", DEFAULT_COLORS[(int(v) - 1) % len(DEFAULT_COLORS)])
-             for v in np.unique(labels) if v and int(v) not in known]
+             for v in np.flatnonzero(voxel_counts(labels)) if v and int(v) not in known]
     return list(task_labels) + extra
 
 

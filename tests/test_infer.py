@@ -157,3 +157,73 @@ def test_rotated_model_grid_takes_the_general_path():
     assert _axis_aligned(np.linalg.inv(rotated.ras_affine) @ grid.ras_affine) is None
     labels, _ = resample_probabilities(torch.softmax(torch.randn(3, 20, 18, 9), 0), rotated.ras_affine, grid)
     assert labels.shape == grid.shape
+
+
+def test_body_box_is_the_dense_block_plus_margin():
+    from medseg.infer import body_box
+
+    hu = torch.full((60, 50, 40), -1000.0)
+    hu[10:30, 5:45, 12:20] = 40.0  # the body
+    hu[55, 2, 38] = 500.0  # a speck of noise in the air
+    assert body_box(hu, roi=(8, 8, 4), margin=2) == (slice(8, 32), slice(3, 47), slice(10, 22))
+
+
+def test_body_box_grows_to_a_window_and_stays_inside():
+    from medseg.infer import body_box
+
+    hu = torch.full((60, 50, 40), -1000.0)
+    hu[0:4, 20:26, 36:40] = 40.0
+    box = body_box(hu, roi=(16, 16, 16), margin=1)
+    assert box == (slice(0, 16), slice(15, 31), slice(24, 40))
+    assert body_box(torch.full((20, 20, 20), -1000.0), roi=(8, 8, 8)) == (slice(0, 20),) * 3  # no body: all
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS", "PLI", "oblique"])
+def test_cropped_way_back_equals_the_whole_volume(orientation):
+    """Probabilities on a box (background outside) go back exactly as the whole volume's would."""
+    from medseg.infer import resample_box
+    from medseg.preprocess import model_grid
+
+    grid = make_grid(orientation, shape=(61, 47, 23), spacing=(0.9, 1.1, 2.5))
+    model = model_grid((1.5, 1.5, 3.0), grid)
+    whole = torch.zeros(6, *model.shape)
+    whole[0] = 1.0
+    for box in [(slice(5, 25), slice(3, 20), slice(2, 12)), (slice(0, 25), slice(10, model.shape[1]), slice(0, 9))]:
+        inside = torch.softmax(3 * torch.randn(6, *[s.stop - s.start for s in box],
+                                               generator=torch.Generator().manual_seed(0)), 0)
+        probabilities = whole.clone()
+        probabilities[(slice(None), *box)] = inside
+        expected, expected_kept = resample_probabilities(probabilities, model.ras_affine, grid, keep=True)
+        labels, kept = resample_box(inside.clone(), box, model, grid, keep=True)
+        assert 0 < (labels > 0).sum() < labels.size
+        assert np.array_equal(labels, expected)
+        assert np.abs(kept.astype(int) - expected_kept.astype(int)).max() <= 1
+
+
+def test_crop_to_body_changes_little_on_a_phantom(tmp_path):
+    """Windows over the body only: for a network that looks voxel by voxel, the very same mask."""
+    from dataclasses import replace
+
+    grid = make_grid("LPS", shape=(64, 56, 20), spacing=(1.0, 1.0, 3.0))
+    image, _ = blob_case(grid)
+    image = image.astype(np.float32)
+    air = np.ones(grid.shape, bool)
+    air[16:48, 14:42, :] = False
+    image[air] = -1000.0
+    predictor = oracle_predictor((1.5, 1.5, 3.0))
+    predictor.bundle.network = BrightIsBladder().eval()
+    cropped = predictor.predict((image[None], grid)).labels
+    uncropped_task = replace(predictor.task, inference=replace(predictor.task.inference, crop_to_body=False))
+    predictor.bundle.task = uncropped_task
+    whole = predictor.predict((image[None], grid)).labels
+    assert (whole == 2).sum() > 100
+    assert np.array_equal(cropped, whole)
+
+
+class BrightIsBladder(torch.nn.Module):
+    """Bladder (2) wherever the voxel is brighter than soft tissue, by its own value alone."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 6, *x.shape[2:])
+        logits[:, 2] = x[:, 0] - 20.0
+        return logits

@@ -293,3 +293,12 @@ def test_pixel_accuracy_hand_worked():
 def test_pixel_accuracy_of_empty_maps_is_one():
     empty = np.zeros((3, 3, 3), np.uint8)
     assert metrics.pixel_accuracy(empty, empty, classes=[1]) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16])
+def test_voxel_counts_equal_numpy_bincount(dtype):
+    from medseg.metrics import voxel_counts
+
+    labels = np.asfortranarray(np.random.default_rng(3).integers(0, 6, size=(17, 13, 9)).astype(dtype))
+    counts = voxel_counts(labels, minlength=8)
+    assert counts.tolist() == np.bincount(labels.ravel().astype(np.int64), minlength=8).tolist()

@@ -143,9 +143,10 @@ def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
 
 def organ_box(labels: Sequence[np.ndarray], spacing: Sequence[float]) -> tuple[slice, ...]:
     """The organs' bounding box grown by MARGIN_MM, clipped to the volume; the whole volume if no organ."""
-    foreground = np.logical_or.reduce([np.asarray(a) > 0 for a in labels])
-    box = ndimage.find_objects(foreground.astype(np.uint8))
-    if not box or box[0] is None:
-        return tuple(slice(0, n) for n in foreground.shape)
+    shape = np.shape(labels[0])
+    boxes = [box for array in labels for box in ndimage.find_objects(np.asarray(array)) if box is not None]
+    if not boxes:
+        return tuple(slice(0, n) for n in shape)
     margin = [math.ceil(MARGIN_MM / s) for s in spacing]
-    return tuple(slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box[0], margin, foreground.shape))
+    return tuple(slice(max(min(b[a].start for b in boxes) - m, 0), min(max(b[a].stop for b in boxes) + m, n))
+                 for a, (m, n) in enumerate(zip(margin, shape)))

@@ -9,7 +9,7 @@ import numpy as np
 from medseg.config import DEFAULT_COLORS, Task
 from medseg.errors import InputError
 from medseg.io import Grid, atomic_path, case_name, read_image, read_label
-from medseg.metrics import dice
+from medseg.metrics import dice, voxel_counts
 from medseg.overlay.montage import montage, render_view, thumbnail
 from medseg.overlay.views import VIEWS, canonical, organ_box
 
@@ -47,13 +47,13 @@ def legend_entries(task: Task, prediction: np.ndarray, reference: np.ndarray | N
     """
     names = task.label_names
     colors = {label.id: label.color for label in task.labels}
-    pred_counts = np.bincount(prediction.ravel(), minlength=256)
+    pred_counts = voxel_counts(prediction)
     for value in np.flatnonzero(pred_counts[1:]) + 1:
         if value not in names:
             names[int(value)], colors[int(value)] = f"label {value} (not in task)", DEFAULT_COLORS[(value - 1) % 12]
     lines, scores = [], []
     if reference is not None:
-        ref_counts = np.bincount(reference.ravel(), minlength=256)
+        ref_counts = voxel_counts(reference)
         both = np.bincount(prediction[prediction == reference].ravel(), minlength=256)
     for value, name in names.items():
         text = f"{name}: {pred_counts[value] * voxel_ml:.1f} mL"
@@ -90,9 +90,14 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
             raise InputError(f"{name} ({other.describe()}) is not on the grid of {image_name} ({grid.describe()})")
     case = case or (case_name(image) if isinstance(image, (str, Path)) else "case")
     colors, legend, mean_dice = legend_entries(task, prediction, ref, grid.voxel_volume_ml)
-    volume_c, grid_c = canonical(volume, grid)
-    prediction_c = canonical(prediction, grid)[0]
-    ref_c = canonical(ref, grid)[0] if ref is not None else None
+    # Every picture shows the organs' box only: cut it out once, so that choosing slices and drawing
+    # them touch a few organs' worth of voxels, not a whole 512 x 512 CT, over and over.
+    box = organ_box([prediction] + ([ref] if ref is not None else []), grid.spacing)
+    corner = grid.affine @ np.array([b.start for b in box] + [1.0])
+    grid = Grid(tuple(b.stop - b.start for b in box), grid.spacing, tuple(corner[:3].tolist()), grid.direction)
+    volume_c, grid_c = canonical(volume[box], grid)
+    prediction_c = np.ascontiguousarray(canonical(prediction[box], grid)[0])  # find_objects: ~6x faster
+    ref_c = np.ascontiguousarray(canonical(ref[box], grid)[0]) if ref is not None else None
     window, window_text = _window(task, volume_c[organ_box([prediction_c], grid_c.spacing)])
     style = "prediction: solid outline + fill"
     if ref is not None:
