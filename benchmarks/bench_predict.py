@@ -1,22 +1,28 @@
 """Speed and memory of `medseg predict` on a full-size pelvic CT, against the work it cannot avoid.
 
-A bundled-style phantom is resampled onto a 512 x 512 x Z grid at 0.8 x 0.8 x 2.5 mm (a clinical
-planning CT's size) and written as int16 NIfTI. The network is the prostate task's default network
-with seeded random weights, written as a model folder (weights do not change the time).
+The scan (`make_scan`): the bundled-style phantom scaled to an adult pelvis in a 512 x 512 x Z grid at
+0.8 x 0.8 x 2.5 mm (a clinical planning CT's size), a patient in every slice, int16 NIfTI. The model:
+`--model RUN_FOLDER` (a trained prostate model: realistic masks for postprocessing and overlays), else
+the prostate task's default network with seeded random weights (the forward time is the same).
 
 Parts (each prints JSON; all of them go to benchmarks/results/predict.json):
 - `e2e`: `medseg predict` stages in-process (read, preprocess, inference, resample, write, overlays)
-  against the bare forward passes it needs (the same number of windows, same batch, same model): the
-  ratio says how much of the time is medseg's own overhead (target <= 1.2).
+  against the bare forward passes of the windows it runs (same batch, same model): the ratio says how
+  much of the time is medseg's own overhead (target <= 1.2). Also against the forward passes of every
+  window of the whole volume (what a plain sliding window runs), and the same scan without the body
+  crop (voxels that differ).
 - `stitching`: the inference step alone (on the preprocessed volume) for medseg, plain MONAI
   `sliding_window_inference` (its defaults: sw_batch_size 1) and TorchIO `GridSampler` +
   `GridAggregator`, same model, volume, window and overlap.
-- `memory`: peak RSS of a `medseg predict` subprocess on a 512 x 512 x 300 scan (target < 4 GB).
-- `resample` (needs `--model RUN_FOLDER`, a trained model): the two ways back to the input grid
-  measured against the sample test references: trilinear probabilities then argmax (medseg's way) vs
-  argmax on the model grid then nearest neighbour.
+- `memory`: a `medseg predict` subprocess on a 512 x 512 x 300 scan: wall time and peak RSS
+  (targets: <= 60 s, < 2 GB).
+- `crop` (needs `--model`): windows over the body only vs the whole volume, Dice on the sample test
+  cases (allowed change: 0.005).
+- `resample` (needs `--model`): the two ways back to the input grid measured against the sample test
+  references: trilinear probabilities then argmax (medseg's way) vs argmax on the model grid then
+  nearest neighbour.
 
-    python benchmarks/bench_predict.py [e2e stitching memory] [--slices 200] [--model RUN_FOLDER]
+    python benchmarks/bench_predict.py [e2e stitching memory crop resample] [--slices 200] [--model RUN_FOLDER]
 """
 
 from __future__ import annotations
@@ -115,14 +121,17 @@ def bare_forward_seconds(network, windows: int, batch: int, roi) -> float:
 
 
 def bench_e2e(scan: Path, model: Path, out: Path) -> dict:
+    from dataclasses import replace
+
     from medseg.infer import Predictor
     from medseg.io import read_image
     from medseg.predict import PredictOptions, write_outputs
+    from medseg.preprocess import to_model_grid
 
     predictor = Predictor(model, device="cpu")
     options = PredictOptions(model=model, device="cpu")
     start = time.perf_counter()
-    image = read_image(scan)
+    image = read_image(scan, None)
     read_s = time.perf_counter() - start
     seg = predictor.predict(image)
     seg.seconds["read"] = read_s
@@ -130,21 +139,32 @@ def bench_e2e(scan: Path, model: Path, out: Path) -> dict:
     total = time.perf_counter() - start
     stages = row["seconds"]
 
-    from medseg.preprocess import preprocess
-
-    shape = preprocess(predictor.bundle.preprocessing, image[0], image[1])["image"].spatial_shape
+    volume, grid = to_model_grid(image[0], image[1], predictor.bundle.preprocessing.spacing)
+    box = predictor.body_box(volume[0])
     roi, settings = predictor.bundle.plan.patch_size, predictor.task.inference
-    windows = window_count(shape, roi, predictor.overlap)
+    windows = window_count([b.stop - b.start for b in box], roi, predictor.overlap)
+    whole = window_count(grid.shape, roi, predictor.overlap)
     bare = bare_forward_seconds(predictor.bundle.network, windows, settings.sw_batch_size, roi)
-    return {
+    result = {
         "scan": {"shape": list(image[0].shape[1:]), "spacing_mm": list(SPACING)},
-        "model_grid": list(shape), "windows": windows, "roi": list(roi), "overlap": predictor.overlap,
+        "model": "trained" if (model / "metrics.csv").is_file() else "seeded random weights",
+        "model_grid": list(grid.shape), "body_box": [[b.start, b.stop] for b in box],
+        "windows": windows, "windows_whole_volume": whole, "roi": list(roi), "overlap": predictor.overlap,
         "sw_batch_size": settings.sw_batch_size,
         "stages_s": stages, "total_s": round(total, 2),
         "bare_forward_s": round(bare, 2),
         "inference_over_bare_forward": round(stages["inference"] / bare, 3),
         "total_over_bare_forward": round(total / bare, 3),
+        # A plain sliding window runs every window of the volume; per-window time is the same.
+        "bare_forward_whole_volume_s": round(bare * whole / windows, 2),
+        "total_over_bare_forward_whole_volume": round(total / (bare * whole / windows), 3),
     }
+    uncropped = replace(predictor.task, inference=replace(predictor.task.inference, crop_to_body=False))
+    predictor.bundle.task = uncropped
+    seg_whole = predictor.predict(image)
+    result["uncropped_stages_s"] = {k: round(v, 2) for k, v in seg_whole.seconds.items()}
+    result["uncropped_voxels_differing"] = int((seg_whole.labels != seg.labels).sum())
+    return result
 
 
 def bench_stitching(scan: Path, model: Path, repeats: int) -> dict:
@@ -208,14 +228,50 @@ def bench_stitching(scan: Path, model: Path, repeats: int) -> dict:
 
 
 def bench_memory(model: Path, slices: int, folder: Path) -> dict:
+    """`medseg predict` as a user runs it (a fresh process: start-up, model, read, ..., overlays)."""
     scan = make_scan(folder / f"scan_{slices}.nii.gz", slices)
     command = [sys.executable, "-m", "medseg", "predict", str(scan), "-m", str(model), "-o", str(folder / "mem_out"),
                "--device", "cpu"]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    volumes = json.loads((folder / "mem_out" / f"scan_{slices}_volumes.json").read_text())
     return {"scan_shape": [512, 512, slices], "command": "medseg predict SCAN -m MODEL -o OUT --device cpu",
-            "wall_s": round(time.perf_counter() - start, 1),
+            "model": "trained" if (model / "metrics.csv").is_file() else "seeded random weights",
+            "wall_s": round(wall, 1), "stages_s": volumes["seconds"],
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
+
+
+def bench_crop(model: Path) -> dict:
+    """Windows over the body only vs the whole volume: Dice on the sample test cases, windows, time."""
+    from dataclasses import replace
+
+    from medseg.config import sample_data_dir
+    from medseg.infer import Predictor
+    from medseg.io import read_image, read_label
+    from medseg.metrics import confusion, dice
+
+    data = sample_data_dir("prostate")
+    predictor = Predictor(model, device="cpu")
+    tasks = {"body_crop": predictor.task,
+             "whole_volume": replace(predictor.task, inference=replace(predictor.task.inference, crop_to_body=False))}
+    scores: dict[str, dict[str, list[float]]] = {way: {} for way in tasks}
+    seconds = dict.fromkeys(tasks, 0.0)
+    for image_path in sorted((data / "imagesTs").glob("*.nii.gz")):
+        image = read_image(image_path, None)
+        reference, _ = read_label(data / "labelsTs" / image_path.name)
+        for way, task in tasks.items():
+            predictor.bundle.task = task
+            seg = predictor.predict(image)
+            seconds[way] += seg.seconds["inference"]
+            for label_id, organ in task.label_names.items():
+                scores[way].setdefault(organ, []).append(dice(*confusion(reference == label_id, seg.labels == label_id)[:3]))
+    result = {way: {"mean_dice": round(float(np.mean([np.mean(v) for v in organs.values()])), 4),
+                    "dice": {o: round(float(np.mean(v)), 4) for o, v in organs.items()},
+                    "inference_s": round(seconds[way], 2)} for way, organs in scores.items()}
+    result["max_abs_dice_change"] = round(max(abs(a - b) for organ in scores["body_crop"]
+                                              for a, b in zip(scores["body_crop"][organ], scores["whole_volume"][organ])), 4)
+    return result
 
 
 def bench_resample(model: Path) -> dict:
@@ -279,14 +335,15 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--memory-slices", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--model", type=Path, help="trained run folder (for `resample`)")
+    parser.add_argument("--model", type=Path, help="trained run folder (needed by `resample` and `crop`; "
+                                                   "e2e and memory use it too, else seeded random weights)")
     args = parser.parse_args()
     result: dict = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads()},
                     "command": "python benchmarks/bench_predict.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = make_model_folder(tmp / "model")
+        model = args.model or make_model_folder(tmp / "model")
         if {"e2e", "stitching"} & set(args.parts):
             scan = make_scan(tmp / "scan.nii.gz", args.slices)
         if "e2e" in args.parts:
@@ -297,6 +354,10 @@ def main() -> None:
             print(json.dumps(result["stitching"]), flush=True)
         if "memory" in args.parts:
             result["memory"] = bench_memory(model, args.memory_slices, tmp)
+        if "crop" in args.parts:
+            if not args.model:
+                parser.error("crop needs --model RUN_FOLDER (a trained model)")
+            result["crop"] = bench_crop(args.model)
         if "resample" in args.parts:
             if not args.model:
                 parser.error("resample needs --model RUN_FOLDER (a trained model)")

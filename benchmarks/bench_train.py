@@ -9,8 +9,14 @@ Two parts, each printing JSON and writing it under benchmarks/results/:
 - `quality` (about 15 minutes): the README's `medseg train --task prostate` exactly as a user runs it,
   then `medseg predict` and `medseg evaluate` on the four sample test cases; per-organ Dice, wall time.
 
+- `precision` (2 x `--minutes` plus validation): bf16 autocast against fp32 for the same wall-clock
+  budget: `medseg train --task prostate --max-minutes M --precision P`, same seed and split; the
+  trainer's validation Dice after the budget, steps done, and validation Dice at the last step both
+  reached (equal work).
+
     python benchmarks/bench_train.py steps [--steps 30]
     python benchmarks/bench_train.py quality [--out benchmarks/out/quality]
+    python benchmarks/bench_train.py precision [--minutes 6] [--out benchmarks/out/precision]
 """
 
 from __future__ import annotations
@@ -125,18 +131,58 @@ def bench_quality(out: Path) -> dict:
     }
 
 
+def _validation(run: Path) -> list[tuple[int, float]]:
+    """(step, mean validation Dice) of every validation in a run folder's metrics.csv."""
+    import csv
+
+    with open(run / "metrics.csv", newline="") as file:
+        return [(int(row["step"]), float(row["mean_dice"])) for row in csv.DictReader(file) if row.get("mean_dice")]
+
+
+def bench_precision(out: Path, minutes: float) -> dict:
+    """bf16 vs fp32 training, same budget, same seed: the validation Dice each reaches."""
+    import shutil
+
+    result: dict = {"budget_minutes": minutes, "runs": {}}
+    for precision in ("bf16", "fp32"):
+        run = out / precision
+        shutil.rmtree(run, ignore_errors=True)
+        command = [sys.executable, "-m", "medseg", "train", "--task", "prostate", "--out", str(run),
+                   "--max-minutes", str(minutes), "--precision", precision]
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        curve = _validation(run)
+        log = (run / "train.log").read_text().strip().splitlines()
+        result["runs"][precision] = {
+            "command": " ".join(command).replace(sys.executable, "python"),
+            "wall_s": round(time.perf_counter() - start, 1), "validation_curve": curve,
+            "final_validation_dice": curve[-1][1] if curve else None,
+            "best_validation_dice": max((d for _, d in curve), default=None), "train_log_tail": log[-2:]}
+    bf16, fp32 = (dict(result["runs"][p]["validation_curve"]) for p in ("bf16", "fp32"))
+    shared = sorted(set(bf16) & set(fp32))
+    if shared:
+        result["equal_steps"] = {"step": shared[-1], "bf16": bf16[shared[-1]], "fp32": fp32[shared[-1]]}
+    result["bf16_final_minus_fp32_final"] = round(result["runs"]["bf16"]["final_validation_dice"]
+                                                  - result["runs"]["fp32"]["final_validation_dice"], 4)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["steps", "quality"])
+    parser.add_argument("part", choices=["steps", "quality", "precision"])
+    parser.add_argument("--minutes", type=float, default=6.0, help="precision: training budget of each run")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/quality"))
+    parser.add_argument("--out", type=Path, help="scratch folder (default benchmarks/out/<part>)")
     args = parser.parse_args()
     result = {"benchmark": f"train/{args.part}", "machine": machine(),
               "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:])}
+    out = args.out or Path("benchmarks/out") / args.part
     if args.part == "steps":
         result.update(bench_steps(args.steps))
+    elif args.part == "quality":
+        result.update(bench_quality(out))
     else:
-        result.update(bench_quality(args.out))
+        result.update(bench_precision(out, args.minutes))
     text = json.dumps(result, indent=2)
     print(text)
     RESULTS.mkdir(exist_ok=True)
