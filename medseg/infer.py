@@ -313,6 +313,10 @@ class Predictor:
         seconds["inference"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        if not keep_probabilities:  # labels only: interpolate just where an organ can win
+            inner = organ_box(probabilities)
+            probabilities = probabilities[(slice(None), *inner)]
+            box = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
         labels, kept = resample_box(probabilities, box, model, grid, keep_probabilities)
         seconds["resample"] = time.perf_counter() - start
 
@@ -361,6 +365,28 @@ def body_box(hu: torch.Tensor, roi: Sequence[int], threshold: float = BODY_HU, m
         if high > size:
             low, high = low - (high - size), size
         box.append(slice(max(0, low), high))
+    return tuple(box)
+
+
+def organ_box(probabilities: torch.Tensor) -> tuple[slice, slice, slice]:
+    """The box outside which trilinear interpolation cannot give anything but background.
+
+    Interpolated values are convex combinations of 8 neighbours: where all 8 are background with
+    p > 0.5, so is the result, and its argmax. The box holds every voxel with background p <= 0.5,
+    plus one voxel of the (surely background) voxels around them, so that every target voxel with
+    an organ corner is interpolated from the real values. Empty: a one-voxel box at the corner.
+
+    Args:
+        probabilities: (K, X, Y, Z) softmax, class 0 background.
+    """
+    contested = probabilities[0] <= 0.5
+    box = []
+    for axis, size in enumerate(contested.shape):
+        others = tuple(a for a in range(3) if a != axis)
+        hit = torch.nonzero(contested.any(dim=others[1]).any(dim=others[0])).flatten()
+        if len(hit) == 0:
+            return (slice(0, 1),) * 3
+        box.append(slice(max(0, int(hit[0]) - 1), min(size, int(hit[-1]) + 2)))
     return tuple(box)
 
 

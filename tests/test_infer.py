@@ -227,3 +227,25 @@ class BrightIsBladder(torch.nn.Module):
         logits = torch.zeros(x.shape[0], 6, *x.shape[2:])
         logits[:, 2] = x[:, 0] - 20.0
         return logits
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "PLI", "oblique"])
+def test_way_back_inside_the_organ_box_gives_the_same_labels(orientation):
+    """Labels interpolated only around voxels an organ can win equal the whole volume's, exactly."""
+    from medseg.infer import organ_box, resample_box
+    from medseg.preprocess import model_grid
+
+    grid = make_grid(orientation, shape=(61, 47, 23), spacing=(0.9, 1.1, 2.5))
+    model = model_grid((1.5, 1.5, 3.0), grid)
+    logits = 0.5 * torch.randn(6, *model.shape, generator=torch.Generator().manual_seed(1))
+    logits[0] += 4.0  # background almost everywhere ...
+    logits[2, 10:18, 6:14, 3:8] += 8.0  # ... but a bladder, with a soft edge
+    logits[3, 12:16, 0:4, 0:3] += 8.0  # and a rectum at the edge of the volume
+    probabilities = torch.softmax(logits, 0)
+    box = organ_box(probabilities)
+    assert box[1].start == box[2].start == 0 and box[0].start > 0
+    assert all(b.stop - b.start < n for b, n in zip(box, model.shape))  # a real saving
+    expected, _ = resample_probabilities(probabilities, model.ras_affine, grid)
+    labels, _ = resample_box(probabilities[(slice(None), *box)].clone(), box, model, grid)
+    assert (expected == 2).sum() > 50 and (expected == 3).sum() > 5
+    assert np.array_equal(labels, expected)
