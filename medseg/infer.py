@@ -142,7 +142,7 @@ def flipped_logits(network: torch.nn.Module, image: torch.Tensor, swap: dict[int
 
 
 def resample_probabilities(probabilities: torch.Tensor, source_ras_affine: np.ndarray, target: Grid,
-                           slab_voxels: int = 1 << 22, keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                           slab_voxels: int = 1 << 20, keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Trilinear probabilities on `target`'s voxels, then argmax, a slab of k-slices at a time.
 
     The model grid is the scan's grid reoriented (axes permuted and flipped) and rescaled, so a target
