@@ -158,7 +158,7 @@ def resample_probabilities(probabilities: torch.Tensor, source_ras_affine: np.nd
     """
     mapping = np.linalg.inv(source_ras_affine) @ target.ras_affine  # target voxel -> model voxel
     nx, ny, nz = target.shape
-    labels = np.empty(target.shape, np.uint8)
+    labels = np.empty(target.shape, np.uint8, order="F")  # SimpleITK's layout: written without a copy
     kept = np.empty((probabilities.shape[0], *target.shape), np.uint8) if keep else None
     axes = _axis_aligned(mapping)
     slabs = _separable_slabs(probabilities, axes, target.shape) if axes else _general_slabs(probabilities, mapping,
@@ -416,7 +416,7 @@ def resample_box(probabilities: torch.Tensor, box: tuple[slice, slice, slice], m
     reached = (np.linalg.inv(target.ras_affine) @ source @ np.c_[corners, np.ones(8)].T)[:3].T
     low = np.clip(np.floor(reached.min(0)).astype(int) - 1, 0, target.shape)
     high = np.clip(np.ceil(reached.max(0)).astype(int) + 2, 0, target.shape)
-    labels = np.zeros(target.shape, np.uint8)
+    labels = np.zeros(target.shape, np.uint8, order="F")  # SimpleITK's layout: written without a copy
     kept = None
     if keep:
         kept = np.zeros((probabilities.shape[0], *target.shape), np.uint8)

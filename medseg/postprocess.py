@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import ndimage
 
+from medseg.metrics import label_boxes
+
 
 def keep_largest_component(labels: np.ndarray, label_ids: Iterable[int]) -> np.ndarray:
     """Set every connected piece (26-connected) of each listed organ but its largest to background.
@@ -16,9 +18,9 @@ def keep_largest_component(labels: np.ndarray, label_ids: Iterable[int]) -> np.n
     ids = list(label_ids)
     if not ids:
         return labels
-    out = labels.copy()
+    out = labels.copy(order="K")  # keeps a Fortran-ordered mask Fortran-ordered
     structure = np.ones((3, 3, 3), bool)
-    boxes = ndimage.find_objects(labels, max_label=max(ids))
+    boxes = label_boxes(labels, max_label=max(ids))
     for label_id in ids:
         box = boxes[label_id - 1] if label_id - 1 < len(boxes) else None
         if box is None:

@@ -17,11 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from medseg.config import DEFAULT_COLORS, Label
 from medseg.io import Grid, from_array, write_sitk, write_text
-from medseg.metrics import voxel_counts
+from medseg.metrics import label_boxes, voxel_counts
 
 ITKSNAP_HEADER = """\
 ################################################
@@ -62,7 +61,7 @@ def slicer_metadata(labels: np.ndarray, task_labels: Sequence[Label]) -> dict[st
         "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
         "Segmentation_ReferenceImageExtentOffset": "0 0 0",
     }
-    boxes = ndimage.find_objects(labels)
+    boxes = label_boxes(labels)
     for n, label in enumerate(_labels_to_write(labels, task_labels)):
         box = boxes[label.id - 1] if label.id <= len(boxes) else None
         extent = "0 -1 0 -1 0 -1" if box is None else " ".join(f"{s.start} {s.stop - 1}" for s in box)

@@ -302,3 +302,18 @@ def test_voxel_counts_equal_numpy_bincount(dtype):
     labels = np.asfortranarray(np.random.default_rng(3).integers(0, 6, size=(17, 13, 9)).astype(dtype))
     counts = voxel_counts(labels, minlength=8)
     assert counts.tolist() == np.bincount(labels.ravel().astype(np.int64), minlength=8).tolist()
+
+
+def test_label_boxes_are_find_objects_in_either_memory_order():
+    from scipy import ndimage
+
+    from medseg.metrics import label_boxes
+
+    labels = np.zeros((20, 15, 9), np.uint8)
+    labels[2:5, 3:12, 1:4] = 1
+    labels[10:19, 0:2, 5:9] = 3
+    expected = ndimage.find_objects(labels)
+    assert expected[1] is None
+    assert label_boxes(labels) == expected
+    assert label_boxes(np.asfortranarray(labels)) == expected
+    assert label_boxes(np.asfortranarray(labels), max_label=1) == expected[:1]

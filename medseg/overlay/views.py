@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from medseg.io import Grid
+from medseg.metrics import label_boxes
 
 TILES = 8  # slices per view
 DISAGREEMENT_TILES = 2  # of TILES, with a reference: the slices where reference and prediction differ most
@@ -78,7 +78,7 @@ def slice_position(grid: Grid, axis: int, index: int) -> str:
 
 
 def _extents(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
-    return {value: box for value, box in enumerate(ndimage.find_objects(labels), start=1) if box is not None}
+    return {value: box for value, box in enumerate(label_boxes(labels), start=1) if box is not None}
 
 
 def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
@@ -144,7 +144,7 @@ def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
 def organ_box(labels: Sequence[np.ndarray], spacing: Sequence[float]) -> tuple[slice, ...]:
     """The organs' bounding box grown by MARGIN_MM, clipped to the volume; the whole volume if no organ."""
     shape = np.shape(labels[0])
-    boxes = [box for array in labels for box in ndimage.find_objects(np.asarray(array)) if box is not None]
+    boxes = [box for array in labels for box in label_boxes(array) if box is not None]
     if not boxes:
         return tuple(slice(0, n) for n in shape)
     margin = [math.ceil(MARGIN_MM / s) for s in spacing]
