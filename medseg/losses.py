@@ -4,12 +4,16 @@ With every organ contoured and no ignore label, `PartialDiceCELoss` is MONAI's
 `DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)`: the same value.
 Two things differ when a case is partially labelled:
 
-- An organ a case did not contour is taken out of that case's softmax (its logit is set to -inf
-  before both terms). Cross-entropy then only asks background to beat the organs that *were*
-  contoured, and that organ's Dice term is left out for that case, so the loss does not depend on the
-  organ's logit at all: its gradient is exactly zero, and predicting it anywhere costs nothing.
-  (Marginal cross-entropy, which merges the organ into background, also makes predicting it free, but
-  still pushes its logit up at every background voxel; removing it leaves that channel untouched.)
+- An organ a case did not contour keeps its place in the softmax, as at inference, but its logit is
+  detached there, so its channel gets exactly zero gradient from that case. Its voxels read 0, so
+  "background" in such a case means "background or that organ": cross-entropy at a background voxel
+  scores -log(p_background + p_organ) (marginal cross-entropy, with the organ's logit detached), and the
+  organ's Dice term is left out for that case. Predicting the organ where the case says background
+  then costs nothing; where the case says another organ it is still wrong, and costs as it should.
+  (Taking the organ out of the softmax instead, as an earlier version did, also gives zero gradient,
+  but teaches background to beat the other organs on the organ's own voxels in every case that did not
+  contour it: a rarely contoured organ, the esophagus in 35% of the head-and-neck cases, then never got
+  above its prior.)
 - Voxels holding the task's `ignore_label` (nnU-Net convention) are left out of both terms.
 
 Dice is computed over the batch, as with MONAI's `batch=True`: per organ, intersections and sums
@@ -86,11 +90,17 @@ class PartialDiceCELoss(_Loss):
         valid &= torch.gather(keep_map.expand(-1, -1, *target.shape[2:]), 1, target)
         target = torch.where(valid, target, torch.zeros_like(target))
         # Half-precision logits (autocast) are scored in float32; float64 stays float64.
-        logits = input.to(torch.promote_types(input.dtype, torch.float32)).masked_fill(~keep_map, float("-inf"))
+        logits = input.to(torch.promote_types(input.dtype, torch.float32))
+        logits = torch.where(keep_map, logits, logits.detach())  # uncontoured organs: in the softmax, never taught
 
         loss = logits.new_zeros(())
         if self.ce_weight:
-            ce = F.cross_entropy(logits, target[:, 0], reduction="none")  # (B, *spatial)
+            log_p = torch.log_softmax(logits, 1)
+            # "Background" in a case is background or any organ the case did not contour.
+            background = torch.logsumexp(log_p.masked_fill(keep_map & (torch.arange(classes, device=keep.device)
+                                                                       .view(1, classes, *spatial) > 0),
+                                                           float("-inf")), 1)  # (B, *spatial)
+            ce = -torch.where(target[:, 0] == 0, background, torch.gather(log_p, 1, target)[:, 0])
             ce = torch.where(valid[:, 0], ce, torch.zeros_like(ce))
             loss = loss + self.ce_weight * ce.sum() / valid.sum().clamp_min(1)
         if self.dice_weight:

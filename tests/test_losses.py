@@ -61,27 +61,47 @@ def test_uncontoured_organ_gets_exactly_zero_gradient(deep_supervision):
         assert grad[case, channel].abs().sum() > 0, (case, channel)
 
 
-def test_predicting_an_uncontoured_organ_costs_nothing():
+def test_predicting_an_uncontoured_organ_where_the_case_says_background_costs_nothing():
     logits, target = batch()
     target[1][target[1] == 2] = 0
     contoured = torch.tensor([[True, True, True, True], [True, True, False, True]])
     loss_fn = PartialDiceCELoss()
     shouting = logits.clone()
-    shouting[1, 2] = 50.0  # the network calls organ 2 everywhere in case 1
-    assert torch.equal(loss_fn(shouting, target, contoured), loss_fn(logits, target, contoured))
-    # while in a case that did contour it, the same prediction is punished
+    background = target[1, 0] == 0
+    shouting[1, 2][background] = 50.0  # the network calls organ 2 wherever case 1 reads background
+    # it counts as background there: no cost (the loss even drops, since p_background + p_organ -> 1)
+    assert loss_fn(shouting, target, contoured) <= loss_fn(logits, target, contoured)
+    # where the case says another organ, calling it organ 2 is wrong, and costs
+    wrong = logits.clone()
+    wrong[1, 2][target[1, 0] == 1] = 50.0
+    assert loss_fn(wrong, target, contoured) > loss_fn(logits, target, contoured) + 1.0
+    # and in a case that did contour organ 2, calling it on background is punished
     everything = torch.ones(2, CLASSES, dtype=torch.bool)
     assert loss_fn(shouting, target, everything) > loss_fn(logits, target, everything) + 1.0
 
 
+def test_background_is_background_or_the_uncontoured_organ():
+    """Marginal cross-entropy: -log(p_background + p_organ) at background voxels of that case."""
+    logits, target = batch()
+    target[1][target[1] == 2] = 0
+    contoured = torch.tensor([[True, True, True, True], [True, True, False, True]])
+    log_p = torch.log_softmax(logits, 1)
+    merged = log_p.clone()
+    merged[1, 0] = torch.logaddexp(log_p[1, 0], log_p[1, 2])
+    expected = -torch.gather(merged, 1, target).mean()
+    assert torch.allclose(PartialDiceCELoss(dice_weight=0.0)(logits, target, contoured), expected, rtol=1e-12)
+
+
 def test_organ_contoured_by_no_case_leaves_the_dice_mean():
+    from monai.losses import DiceLoss
+
     logits, target = batch()
     target[target == 3] = 0
     contoured = torch.tensor([[True, True, True, False], [True, True, True, False]])
     dice_only = PartialDiceCELoss(ce_weight=0.0)
-    two_organs = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True, lambda_ce=0.0)
-    # the same as plain Dice over a network that never had organ 3
-    expected = two_organs(logits[:, :3], target)
+    per_organ = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True, reduction="none")
+    # organs 1 and 2 of the full softmax (organ 3 keeps its place there, as at inference), organ 3 left out
+    expected = per_organ(logits, target).flatten()[:2].mean()
     assert torch.allclose(dice_only(logits, target, contoured), expected, rtol=1e-12, atol=0)
 
 
