@@ -326,7 +326,7 @@ def bench_resample(model: Path) -> dict:
         reference, _ = read_label(data / "labelsTs" / image_path.name)
         subject = preprocess(predictor.bundle.preprocessing, *image)
         probabilities = torch.softmax(predictor.logits(subject["image"].data), 0)
-        from medseg.infer import resample_probabilities
+        from medseg.resample import resample_probabilities
 
         start = time.perf_counter()
         smooth, _ = resample_probabilities(probabilities, subject["image"].affine, image[1])

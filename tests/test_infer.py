@@ -9,7 +9,8 @@ import torch
 import torchio as tio
 
 from medseg.config import load_task
-from medseg.infer import ModelBundle, Predictor, resample_probabilities, sliding_window_logits
+from medseg.infer import ModelBundle, Predictor, sliding_window_logits
+from medseg.resample import resample_probabilities
 from medseg.io import write_label_map
 from medseg.networks import NetworkPlan
 from medseg.preprocess import ChannelIntensity, Preprocessing
@@ -134,7 +135,7 @@ def test_volumes_in_millilitres():
 @pytest.mark.parametrize("orientation", ["LPS", "RAS", "PLI", "oblique"])
 def test_separable_way_back_equals_trilinear_grid_sample(orientation):
     """The fast path (three 1D passes) computes grid_sample's trilinear interpolation exactly."""
-    from medseg.infer import _axis_aligned, _general_slabs
+    from medseg.resample import _axis_aligned, _general_slabs
 
     grid = make_grid(orientation, shape=(61, 47, 23), spacing=(0.9, 1.1, 2.5))
     model = tio.Resample((1.5, 1.5, 3.0))(tio.ToCanonical()(tio.ScalarImage(tensor=torch.zeros(1, *grid.shape),
@@ -150,7 +151,7 @@ def test_separable_way_back_equals_trilinear_grid_sample(orientation):
 
 
 def test_rotated_model_grid_takes_the_general_path():
-    from medseg.infer import _axis_aligned
+    from medseg.resample import _axis_aligned
 
     grid = make_grid("LPS", shape=(20, 18, 9))
     rotated = make_grid("oblique", shape=(20, 18, 9))
@@ -181,7 +182,7 @@ def test_body_box_grows_to_a_window_and_stays_inside():
 @pytest.mark.parametrize("orientation", ["LPS", "RAS", "PLI", "oblique"])
 def test_cropped_way_back_equals_the_whole_volume(orientation):
     """Probabilities on a box (background outside) go back exactly as the whole volume's would."""
-    from medseg.infer import resample_box
+    from medseg.resample import resample_box
     from medseg.preprocess import model_grid
 
     grid = make_grid(orientation, shape=(61, 47, 23), spacing=(0.9, 1.1, 2.5))
@@ -232,7 +233,7 @@ class BrightIsBladder(torch.nn.Module):
 @pytest.mark.parametrize("orientation", ["LPS", "PLI", "oblique"])
 def test_way_back_inside_the_organ_box_gives_the_same_labels(orientation):
     """Labels interpolated only around voxels an organ can win equal the whole volume's, exactly."""
-    from medseg.infer import organ_box, resample_box
+    from medseg.resample import organ_box, resample_box
     from medseg.preprocess import model_grid
 
     grid = make_grid(orientation, shape=(61, 47, 23), spacing=(0.9, 1.1, 2.5))
