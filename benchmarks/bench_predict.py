@@ -133,7 +133,7 @@ def bench_e2e(scan: Path, model: Path, out: Path) -> dict:
     predictor = Predictor(model, device="cpu")
     options = PredictOptions(model=model, device="cpu")
     start = time.perf_counter()
-    image = read_image(scan, None)
+    image = read_image(scan, dtype=None)
     read_s = time.perf_counter() - start
     seg = predictor.predict(image)
     seg.seconds["read"] = read_s
@@ -290,7 +290,7 @@ def bench_crop(model: Path) -> dict:
     scores: dict[str, dict[str, list[float]]] = {way: {} for way in tasks}
     seconds = dict.fromkeys(tasks, 0.0)
     for image_path in sorted((data / "imagesTs").glob("*.nii.gz")):
-        image = read_image(image_path, None)
+        image = read_image(image_path, dtype=None)
         reference, _ = read_label(data / "labelsTs" / image_path.name)
         image, reference = in_air(image, reference)
         for way, task in tasks.items():

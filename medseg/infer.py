@@ -189,7 +189,8 @@ class Predictor:
         from medseg.postprocess import keep_largest_component
 
         seconds, start = {}, time.perf_counter()
-        array, grid = image if isinstance(image, tuple) and isinstance(image[1], Grid) else read_image(image, None)
+        in_memory = isinstance(image, tuple) and isinstance(image[1], Grid)
+        array, grid = image if in_memory else read_image(image, dtype=None)
         if array.ndim == 3:
             array = array[None]
         if array.shape[0] != len(self.task.channels):

@@ -86,40 +86,41 @@ class PartialDiceCELoss(_Loss):
         spatial = (1,) * (input.dim() - 2)
         keep_map = keep.view(batch, classes, *spatial)
         # A voxel labelled with an organ its case did not contour contradicts the case's own list
-        # (check-dataset reports it); it is ignored rather than scored against a removed channel.
+        # (check-dataset reports it); it is ignored rather than scored against an untaught channel.
         valid &= torch.gather(keep_map.expand(-1, -1, *target.shape[2:]), 1, target)
         target = torch.where(valid, target, torch.zeros_like(target))
         # Half-precision logits (autocast) are scored in float32; float64 stays float64.
         logits = input.to(torch.promote_types(input.dtype, torch.float32))
         logits = torch.where(keep_map, logits, logits.detach())  # uncontoured organs: in the softmax, never taught
 
+        log_p = torch.log_softmax(logits, 1)
+
         loss = logits.new_zeros(())
         if self.ce_weight:
-            log_p = torch.log_softmax(logits, 1)
             # "Background" in a case is background or any organ the case did not contour.
-            background = torch.logsumexp(log_p.masked_fill(keep_map & (torch.arange(classes, device=keep.device)
-                                                                       .view(1, classes, *spatial) > 0),
-                                                           float("-inf")), 1)  # (B, *spatial)
+            unknown = ~keep_map.clone()
+            unknown[:, 0] = True
+            background = torch.logsumexp(log_p.masked_fill(~unknown, float("-inf")), 1)  # (B, *spatial)
             ce = -torch.where(target[:, 0] == 0, background, torch.gather(log_p, 1, target)[:, 0])
             ce = torch.where(valid[:, 0], ce, torch.zeros_like(ce))
             loss = loss + self.ce_weight * ce.sum() / valid.sum().clamp_min(1)
         if self.dice_weight:
-            loss = loss + self.dice_weight * self._dice(logits, target, valid, keep)
+            loss = loss + self.dice_weight * self._dice(log_p.exp(), target, valid, keep)
         return loss
 
-    def _dice(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+    def _dice(self, probabilities: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
               keep: torch.Tensor) -> torch.Tensor:
         """Batch Dice loss over the organ channels, each summed over the cases that contoured it."""
-        weight = valid.to(logits.dtype)
-        probabilities = torch.softmax(logits, 1) * weight  # (B, C, *spatial)
+        weight = valid.to(probabilities.dtype)
+        probabilities = probabilities * weight  # (B, C, *spatial)
         onehot = torch.zeros_like(probabilities).scatter_(1, target, 1.0) * weight
-        dims = tuple(range(2, logits.dim()))
-        cases = keep.to(logits.dtype)  # (B, C)
+        dims = tuple(range(2, probabilities.dim()))
+        cases = keep.to(probabilities.dtype)  # (B, C)
         intersection = ((probabilities * onehot).sum(dims) * cases).sum(0)[1:]  # (C - 1,)
         denominator = ((probabilities.sum(dims) + onehot.sum(dims)) * cases).sum(0)[1:]
         scored = keep[:, 1:].any(0)
         if not scored.any():
-            return logits.new_zeros(())
+            return probabilities.new_zeros(())
         dice = 1.0 - (2.0 * intersection + self.smooth_nr) / (denominator + self.smooth_dr)
         return dice[scored].mean()
 

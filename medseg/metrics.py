@@ -67,7 +67,7 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator) / float(denominator) if denominator else float("nan")
 
 
-# ------------------------------------------------------------------------------------- overlap
+# ---------------------------------------------------------------------------------- label maps
 
 
 def label_boxes(labels: np.ndarray, max_label: int = 0) -> list[tuple[slice, ...] | None]:
@@ -98,6 +98,8 @@ def voxel_counts(labels: np.ndarray, minlength: int = 256) -> np.ndarray:
         return np.bincount(flat, minlength=minlength)
     return torch.bincount(torch.from_numpy(flat), minlength=minlength).numpy()
 
+
+# ------------------------------------------------------------------------------------- overlap
 
 
 def confusion(ref_mask: np.ndarray, pred_mask: np.ndarray) -> tuple[int, int, int, int]:

@@ -140,7 +140,7 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
         case = case_name(scan)
         try:
             start = time.perf_counter()
-            image = read_image(scan, None)  # the file's voxel type: int16 for a CT
+            image = read_image(scan, dtype=None)  # the file's voxel type: int16 for a CT
             read_seconds = time.perf_counter() - start
             seg = predictor.predict(image, keep_probabilities=options.probabilities)
             seg.seconds["read"] = read_seconds

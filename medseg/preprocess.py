@@ -67,29 +67,16 @@ def resolve_preprocessing(task: Task, fingerprint: dict) -> Preprocessing:
     return Preprocessing(tuple(float(s) for s in spacing), task.intensity.normalize, tuple(channels))
 
 
-def _normalize(tensor: torch.Tensor, channels: tuple[ChannelIntensity, ...]) -> torch.Tensor:
-    """(C, X, Y, Z) clip and scale per channel, in float32."""
-    return _normalize_inplace(tensor.to(torch.float32), channels)
-
-
-def _normalize_inplace(out: torch.Tensor, channels: tuple[ChannelIntensity, ...]) -> torch.Tensor:
-    for c, stats in enumerate(channels):
-        if stats.clip is not None:
-            out[c].clamp_(*stats.clip)
-        out[c].sub_(stats.mean).div_(stats.std)
-    return out
-
-
 def transform(prep: Preprocessing) -> tio.Transform:
     """TorchIO pipeline: RAS, target spacing, intensities. Labels are resampled nearest-neighbour."""
     steps: list[tio.Transform] = [tio.ToCanonical(), tio.Resample(prep.spacing)]
-    if prep.normalize == "image":
-        if any(c.clip for c in prep.channels):
-            steps.append(tio.Lambda(partial(_normalize, channels=prep.channels), types_to_apply=[tio.INTENSITY]))
-        steps.append(tio.ZNormalization())
-    elif prep.normalize == "dataset" or any(c.clip for c in prep.channels):
-        steps.append(tio.Lambda(partial(_normalize, channels=prep.channels), types_to_apply=[tio.INTENSITY]))
+    if prep.normalize != "none" or any(c.clip for c in prep.channels):
+        steps.append(tio.Lambda(partial(_normalized, prep=prep), types_to_apply=[tio.INTENSITY]))
     return tio.Compose(steps)
+
+
+def _normalized(tensor: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    return normalize_(tensor.to(torch.float32), prep)  # TorchIO hands the transform a copy of the subject
 
 
 def to_subject(image: np.ndarray, grid: Grid, labels: np.ndarray | None = None, **extra) -> tio.Subject:
@@ -164,13 +151,19 @@ def to_model_grid(image: np.ndarray, grid: Grid, spacing: tuple[float, float, fl
 
 
 def normalize_(volume: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """The intensity half of `transform(prep)`, in place on a (C, X, Y, Z) float32 volume."""
-    if prep.normalize == "dataset" or (prep.normalize != "image" and any(c.clip for c in prep.channels)):
-        return _normalize_inplace(volume, prep.channels)
+    """Intensities as the model expects them, in place on a (C, X, Y, Z) float32 volume.
+
+    Each channel is clipped (task window or dataset percentiles) and scaled (dataset mean and std);
+    `image` normalisation then z-scores the whole volume, one mean and std over all channels together,
+    as TorchIO's ZNormalization does. Training (`transform`) and prediction both call this.
+    """
+    if prep.normalize == "dataset" or any(c.clip for c in prep.channels):
+        for channel, stats in zip(volume, prep.channels):
+            if stats.clip is not None:
+                channel.clamp_(*stats.clip)
+            channel.sub_(stats.mean).div_(stats.std)
     if prep.normalize == "image":
-        if any(c.clip for c in prep.channels):
-            _normalize_inplace(volume, prep.channels)
-        std = volume.std()  # as TorchIO's ZNormalization: one mean and std over all channels together
+        std = volume.std()
         if std == 0:
             raise InputError("image has the same value everywhere (standard deviation 0); cannot normalise it")
         volume.sub_(volume.mean()).div_(std)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torchio as tio
 
 from medseg.io import from_array
-from medseg.preprocess import ChannelIntensity, Preprocessing, model_grid, normalize_, preprocess, to_model_grid
+from medseg.preprocess import (ChannelIntensity, Preprocessing, model_grid, normalize_, preprocess, to_model_grid,
+                               to_subject)
 
 from conftest import make_grid
 
@@ -31,7 +33,8 @@ def test_int16_scan_lands_where_torchio_puts_it(orientation):
 def test_two_channel_mr_z_scored_like_torchio():
     grid = make_grid("PLI", shape=(30, 26, 14), spacing=(1.0, 1.2, 2.2))
     image = np.random.default_rng(1).normal(300, 80, size=(2, *grid.shape)).astype(np.float32)
-    expected = preprocess(MR, image, grid)["image"].data.numpy()
+    torchio_way = tio.Compose([tio.ToCanonical(), tio.Resample(MR.spacing), tio.ZNormalization()])
+    expected = torchio_way(to_subject(image, grid))["image"].data.numpy()
     volume, _ = to_model_grid(image, grid, MR.spacing)
     np.testing.assert_allclose(normalize_(volume, MR).numpy(), expected, atol=1e-4)
 

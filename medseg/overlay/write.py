@@ -54,7 +54,7 @@ def legend_entries(task: Task, prediction: np.ndarray, reference: np.ndarray | N
     lines, scores = [], []
     if reference is not None:
         ref_counts = voxel_counts(reference)
-        both = np.bincount(prediction[prediction == reference].ravel(), minlength=256)
+        both = voxel_counts(prediction[prediction == reference])
     for value, name in names.items():
         text = f"{name}: {pred_counts[value] * voxel_ml:.1f} mL"
         if reference is not None:
