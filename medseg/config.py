@@ -54,6 +54,9 @@ class Sampling:
     foreground_probability: float = 0.67
     # relative weight of each organ among organ-centred patches; small organs need their share
     label_weights: dict[str, float] | None = None
+    # partially labelled data: draw a case as often as its least-contoured organ needs (N / n, n of the
+    # N cases contouring it), so an organ drawn in a third of the cases is not learnt three times slower
+    balance_contoured: bool = False
     num_workers: int = 0  # loader processes; 0 keeps everything in the main process (2-core CPUs)
 
 

@@ -70,3 +70,22 @@ def uncontoured_organs(contoured: Sequence[str] | None, organs: Mapping[int, str
     if contoured is None:
         return set()
     return {name for name in organs.values() if name not in contoured}
+
+
+def case_weights(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """How often to draw each case so that rarely contoured organs are seen often enough to be learnt.
+
+    A case weighs N / n for the least-contoured organ it has, N cases in all and n of them contouring
+    that organ: a case that is the only one drawing an organ is drawn as often as that organ needs,
+    while the fully labelled datasets get equal weights.
+
+    Args:
+        masks: each case's (C,) bool mask from `contoured_mask`.
+
+    Returns:
+        (N,) float weights, 1.0 for a case whose organs every case contoured.
+    """
+    stacked = torch.stack(list(masks)).float()
+    cases_per_channel = stacked.sum(0).clamp(min=1)
+    rarity = stacked * (len(stacked) / cases_per_channel)
+    return rarity.amax(dim=1).clamp(min=1.0)

@@ -39,7 +39,7 @@ from medseg.errors import InputError
 from medseg.infer import CONFIG_NAME, resolve_device, sliding_window_logits
 from medseg.io import read_image, read_label, write_text
 from medseg.networks import NetworkPlan, build_network, plan_network
-from medseg.partial import CONTOURED, contoured_mask, set_contoured
+from medseg.partial import CONTOURED, case_weights, contoured_mask, set_contoured
 from medseg.preprocess import Preprocessing, pad_to, preprocess, resolve_preprocessing
 from medseg.runfolder import (MetricsTable, TensorBoard, load_checkpoint, make_logger, rng_state, save_checkpoint,
                               set_rng_state, silent_logger)
@@ -116,19 +116,21 @@ def patch_batches(subjects: list[tio.Subject], task: Task, device: torch.device)
     probabilities = {0: 1.0 - sampling.foreground_probability}
     for name, weight in weights.items():
         probabilities[task.label_id(name)] = sampling.foreground_probability * weight / total
-    queue = tio.Queue(
-        tio.SubjectsDataset(subjects, transform=build_augmentation(task)),
-        max_length=max(sampling.queue_length, task.schedule.batch_size),
-        samples_per_volume=sampling.samples_per_volume,
-        sampler=tio.LabelSampler(task.patch_size, "label", probabilities),
-        num_workers=sampling.num_workers,
-        shuffle_subjects=True,
-        shuffle_patches=True,
-    )
-    loader = torch.utils.data.DataLoader(queue, batch_size=task.schedule.batch_size, num_workers=0,
-                                         pin_memory=device.type == "cuda")
+    draw = case_weights([subject[CONTOURED] for subject in subjects]) if sampling.balance_contoured else None
     while True:
-        yield from loader
+        # one pass over the cases; with balancing, N cases drawn with replacement by their weights
+        cases = subjects if draw is None else [subjects[i] for i in torch.multinomial(draw, len(subjects), True)]
+        queue = tio.Queue(
+            tio.SubjectsDataset(cases, transform=build_augmentation(task)),
+            max_length=max(sampling.queue_length, task.schedule.batch_size),
+            samples_per_volume=sampling.samples_per_volume,
+            sampler=tio.LabelSampler(task.patch_size, "label", probabilities),
+            num_workers=sampling.num_workers,
+            shuffle_subjects=True,
+            shuffle_patches=True,
+        )
+        yield from torch.utils.data.DataLoader(queue, batch_size=task.schedule.batch_size, num_workers=0,
+                                               pin_memory=device.type == "cuda")
 
 
 # ------------------------------------------------------------------------------- the optimiser

@@ -10,8 +10,8 @@ import torchio as tio
 import yaml
 
 from medseg.augment import flip_left_right
-from medseg.config import Augmentation, FlipAug, parse_task
-from medseg.partial import CONTOURED, contoured_mask, uncontoured_organs
+from medseg.config import Augmentation, FlipAug, Sampling, parse_task
+from medseg.partial import CONTOURED, case_weights, contoured_mask, uncontoured_organs
 from medseg.train import patch_batches
 
 from conftest import TINY_TASK
@@ -33,12 +33,12 @@ def test_unknown_organ_is_refused():
         contoured_mask(["bladder", "liver"], TASK)
 
 
-def subject(contoured: list[str]) -> tio.Subject:
+def subject(contoured: list[str], name: str = "case") -> tio.Subject:
     label = torch.zeros(1, 24, 24, 24, dtype=torch.uint8)
     label[0, 2:8, 8:16, 8:16] = 4  # only the left femoral head is drawn
     label[0, 10:14, 10:14, 10:14] = 2
     return tio.Subject(image=tio.ScalarImage(tensor=torch.rand(1, 24, 24, 24)), label=tio.LabelMap(tensor=label),
-                       name="case", **{CONTOURED: contoured_mask(contoured, TASK)})
+                       name=name, **{CONTOURED: contoured_mask(contoured, TASK)})
 
 
 def test_left_right_flip_swaps_the_mask_with_the_labels():
@@ -54,3 +54,24 @@ def test_mask_survives_the_queue_and_collates_per_case():
     assert batch[CONTOURED].shape == (task.schedule.batch_size, 6)
     for mask in batch[CONTOURED]:  # every patch was flipped: right head contoured, left not
         assert mask.tolist() == [True, False, True, False, False, True]
+
+
+def test_case_weights_follow_the_least_contoured_organ():
+    everything = contoured_mask(None, TASK)
+    no_prostate = contoured_mask(["bladder", "rectum", "femoral_head_left", "femoral_head_right"], TASK)
+    weights = case_weights([everything, no_prostate, no_prostate, no_prostate])
+    # prostate is drawn in 1 of 4 cases, every other organ in all 4
+    assert weights.tolist() == [4.0, 1.0, 1.0, 1.0]
+    assert case_weights([everything, everything]).tolist() == [1.0, 1.0]
+
+
+def test_balanced_sampling_draws_the_rare_case_more_often():
+    common = [subject(["bladder", "femoral_head_left"]) for _ in range(5)]
+    rare = subject(["prostate", "bladder", "femoral_head_left"], name="rare")
+    task = dataclasses.replace(TASK, sampling=Sampling(samples_per_volume=1, queue_length=2,
+                                                       balance_contoured=True))
+    torch.manual_seed(0)
+    batches = patch_batches(common + [rare], task, torch.device("cpu"))
+    names = [name for _ in range(60) for name in next(batches)["name"]]
+    # weights 6 for the rare case, 1 for each common one: half the draws, against 1/6 uniformly
+    assert 0.35 < names.count("rare") / len(names) < 0.65
