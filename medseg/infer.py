@@ -219,7 +219,7 @@ class Predictor:
 
         start = time.perf_counter()
         keep_ids = [self.task.label_id(name) for name in self.task.inference.largest_component]
-        labels = keep_largest_component(labels, keep_ids)
+        labels = keep_largest_component(labels, keep_ids, in_place=True)  # ours: no copy
         seconds["postprocess"] = time.perf_counter() - start
         return Segmentation(labels, grid, self.task.label_names, kept, seconds)
 

@@ -75,14 +75,28 @@ def label_boxes(labels: np.ndarray, max_label: int = 0) -> list[tuple[slice, ...
 
     find_objects walks the last axis fastest: on a Fortran-ordered (X, Y, Z) mask, the layout SimpleITK
     hands over, that is against the memory and ~6x slower, so such a mask is read through its C-ordered
-    transpose and the boxes turned back.
+    transpose and the boxes turned back. It also costs ~10 ns a voxel, so a 3D mask is first cut to
+    the block that holds any label (`np.any` along the slowest axis is ~50x cheaper), as organs fill
+    a small part of a CT.
     """
     from scipy import ndimage
 
     labels = np.asarray(labels)
     if labels.flags.f_contiguous and not labels.flags.c_contiguous:
-        return [None if box is None else box[::-1] for box in ndimage.find_objects(labels.T, max_label)]
-    return ndimage.find_objects(labels, max_label)
+        return [None if box is None else box[::-1] for box in label_boxes(labels.T, max_label)]
+    if labels.ndim != 3 or labels.size < 1 << 20:
+        return ndimage.find_objects(labels, max_label)
+    slabs = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+    if len(slabs) == 0:
+        return [None] * max_label
+    block = labels[slabs[0]:slabs[-1] + 1]
+    rows = block.any(axis=(0, 2))
+    columns = block.any(axis=(0, 1))
+    first = (int(slabs[0]), int(np.argmax(rows)), int(np.argmax(columns)))
+    stop = (int(slabs[-1]) + 1, len(rows) - int(np.argmax(rows[::-1])), len(columns) - int(np.argmax(columns[::-1])))
+    found = ndimage.find_objects(block[:, first[1]:stop[1], first[2]:stop[2]], max_label)
+    return [None if box is None else tuple(slice(s.start + f, s.stop + f) for s, f in zip(box, first))
+            for box in found]
 
 
 def voxel_counts(labels: np.ndarray, minlength: int = 256) -> np.ndarray:

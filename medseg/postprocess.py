@@ -10,15 +10,16 @@ from scipy import ndimage
 from medseg.metrics import label_boxes
 
 
-def keep_largest_component(labels: np.ndarray, label_ids: Iterable[int]) -> np.ndarray:
+def keep_largest_component(labels: np.ndarray, label_ids: Iterable[int], in_place: bool = False) -> np.ndarray:
     """Set every connected piece (26-connected) of each listed organ but its largest to background.
 
-    Works inside each organ's bounding box, so a 512x512x300 mask costs little. Modifies a copy.
+    Works inside each organ's bounding box, so a 512x512x300 mask costs little. Modifies a copy, or
+    `labels` itself with `in_place` (a fresh prediction: copying a 512x512x300 mask costs 0.2 s).
     """
     ids = list(label_ids)
     if not ids:
         return labels
-    out = labels.copy(order="K")  # keeps a Fortran-ordered mask Fortran-ordered
+    out = labels if in_place else labels.copy(order="K")  # keeps a Fortran-ordered mask Fortran-ordered
     structure = np.ones((3, 3, 3), bool)
     boxes = label_boxes(labels, max_label=max(ids))
     for label_id in ids:

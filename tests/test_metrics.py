@@ -317,3 +317,21 @@ def test_label_boxes_are_find_objects_in_either_memory_order():
     assert label_boxes(labels) == expected
     assert label_boxes(np.asfortranarray(labels)) == expected
     assert label_boxes(np.asfortranarray(labels), max_label=1) == expected[:1]
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_label_boxes_of_a_large_mask_match_find_objects(order):
+    """Over a million voxels the organs' block is cut out first; the boxes must not move."""
+    from scipy import ndimage
+
+    from medseg.metrics import label_boxes
+
+    labels = np.zeros((130, 120, 100), np.uint8, order=order)
+    labels[60:90, 1:40, 50:99] = 2
+    labels[100:101, 70:71, 3:4] = 5
+    labels[0:3, 110:120, 0:2] = 1  # touching the volume's corner
+    expected = ndimage.find_objects(np.ascontiguousarray(labels))
+    assert label_boxes(labels) == expected
+    assert label_boxes(labels, max_label=7) == expected + [None, None]
+    assert label_boxes(np.zeros_like(labels), max_label=3) == [None] * 3
+    assert label_boxes(np.zeros_like(labels)) == []

@@ -1,0 +1,40 @@
+"""Largest connected component per organ: which pieces go, which stay, and what is left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medseg.postprocess import keep_largest_component
+
+
+def mask(order: str) -> np.ndarray:
+    labels = np.zeros((40, 30, 20), np.uint8, order=order)
+    labels[2:12, 2:12, 2:12] = 1  # bladder: 1000 voxels
+    labels[20:23, 20:23, 10:13] = 1  # a 27-voxel stray piece of bladder
+    labels[12, 12, 12] = 1  # touches the big piece by a corner only: 26-connected, so it stays
+    labels[30:35, 5:9, 5:9] = 2  # another organ, in two pieces, not listed
+    labels[36:38, 25:27, 15:17] = 2
+    return labels
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_only_the_largest_piece_of_a_listed_organ_stays(order):
+    labels = mask(order)
+    before = labels.copy()
+    out = keep_largest_component(labels, [1])
+    np.testing.assert_array_equal(labels, before)  # the input is left alone
+    assert out.flags.f_contiguous == (order == "F")
+    assert np.count_nonzero(out == 1) == 1001
+    assert out[21, 21, 11] == 0 and out[12, 12, 12] == 1
+    np.testing.assert_array_equal(out == 2, before == 2)  # not listed: both pieces kept
+
+
+def test_in_place_changes_the_given_mask_and_matches_the_copy():
+    labels = mask("F")
+    copied = keep_largest_component(labels, [1, 2])
+    returned = keep_largest_component(labels, [1, 2], in_place=True)
+    assert returned is labels
+    np.testing.assert_array_equal(labels, copied)
+    assert np.count_nonzero(labels == 2) == 80  # the 5x4x4 piece, not the 2x2x2 one
+    assert keep_largest_component(labels, [9])[0, 0, 0] == 0  # an organ absent from the mask
