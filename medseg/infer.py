@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -153,10 +154,18 @@ class Segmentation:
     probabilities: np.ndarray | None = None  # (K, X, Y, Z) uint8 percent, with keep_probabilities
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
 
+    @cached_property
+    def extent(self) -> tuple[slice, slice, slice] | None:
+        """The box that holds every organ voxel (None: no organ): counting and drawing need only that."""
+        from medseg.metrics import nonzero_box
+
+        return nonzero_box(self.labels)
+
     def volumes(self) -> dict[str, dict[str, float]]:
         from medseg.metrics import voxel_counts
 
-        counts = voxel_counts(self.labels, minlength=max(self.organs) + 1)
+        inside = self.labels[self.extent] if self.extent else self.labels[:0]
+        counts = voxel_counts(inside, minlength=max(self.organs) + 1)
         return {name: {"volume_ml": float(counts[i] * self.grid.voxel_volume_ml), "voxels": int(counts[i])}
                 for i, name in self.organs.items()}
 

@@ -67,6 +67,12 @@ class Grid:
         image.SetDirection(self.direction)
         return image
 
+    def crop(self, box: Sequence[slice]) -> Grid:
+        """The grid of `array[box]` (slices with start and stop, no step): same voxels, fewer of them."""
+        corner = self.affine @ np.array([s.start for s in box] + [1.0])
+        return Grid(tuple(int(s.stop - s.start) for s in box), self.spacing, tuple(corner[:3].tolist()),
+                    self.direction)
+
     def matches(self, other: Grid, tolerance: float = 1e-4) -> bool:
         """Same voxels in the same place (spacing/origin relative to the voxel size)."""
         if self.shape != other.shape:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -13,25 +14,28 @@ from medseg.metrics import label_boxes
 def keep_largest_component(labels: np.ndarray, label_ids: Iterable[int], in_place: bool = False) -> np.ndarray:
     """Set every connected piece (26-connected) of each listed organ but its largest to background.
 
-    Works inside each organ's bounding box, so a 512x512x300 mask costs little. Modifies a copy, or
-    `labels` itself with `in_place` (a fresh prediction: copying a 512x512x300 mask costs 0.2 s).
+    Works inside each organ's bounding box, so a 512x512x300 mask costs little, and on two organs at a
+    time (scipy's labelling lets go of the GIL; each organ only clears its own voxels, so the threads
+    never touch the same voxel). Modifies a copy, or `labels` itself with `in_place` (a fresh
+    prediction: copying a 512x512x300 mask costs 0.2 s).
     """
     ids = list(label_ids)
     if not ids:
         return labels
     out = labels if in_place else labels.copy(order="K")  # keeps a Fortran-ordered mask Fortran-ordered
-    structure = np.ones((3, 3, 3), bool)
     boxes = label_boxes(labels, max_label=max(ids))
-    for label_id in ids:
-        box = boxes[label_id - 1] if label_id - 1 < len(boxes) else None
-        if box is None:
-            continue
-        organ = out[box] == label_id
-        pieces, count = ndimage.label(organ, structure)
-        if count <= 1:
-            continue
-        sizes = np.bincount(pieces.ravel())
-        sizes[0] = 0
-        region = out[box]
-        region[(pieces != 0) & (pieces != int(sizes.argmax()))] = 0
+    found = [(label_id, boxes[label_id - 1]) for label_id in ids if label_id - 1 < len(boxes) and boxes[label_id - 1]]
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="medseg-components") as pool:
+        for job in [pool.submit(_keep_largest_piece, out, label_id, box) for label_id, box in found]:
+            job.result()
     return out
+
+
+def _keep_largest_piece(labels: np.ndarray, label_id: int, box: tuple[slice, ...]) -> None:
+    region = labels[box]
+    pieces, count = ndimage.label(region == label_id, np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    region[(pieces != 0) & (pieces != int(sizes.argmax()))] = 0

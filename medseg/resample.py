@@ -168,9 +168,7 @@ def resample_box(probabilities: torch.Tensor, box: tuple[slice, slice, slice], m
     if np.any(high <= low):
         return labels, kept
     part = (slice(low[0], high[0]), slice(low[1], high[1]), slice(low[2], high[2]))
-    origin = target.affine @ np.r_[low, 1.0]
-    sub = Grid(tuple(int(n) for n in high - low), target.spacing, tuple(origin[:3].tolist()), target.direction)
-    labels[part], sub_kept = resample_probabilities(rim, source, sub, keep=keep)
+    labels[part], sub_kept = resample_probabilities(rim, source, target.crop(part), keep=keep)
     if keep:
         kept[(slice(None), *part)] = sub_kept
     return labels, kept

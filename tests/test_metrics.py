@@ -335,3 +335,14 @@ def test_label_boxes_of_a_large_mask_match_find_objects(order):
     assert label_boxes(labels, max_label=7) == expected + [None, None]
     assert label_boxes(np.zeros_like(labels), max_label=3) == [None] * 3
     assert label_boxes(np.zeros_like(labels)) == []
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_nonzero_box_bounds_every_label(order):
+    from medseg.metrics import nonzero_box
+
+    labels = np.zeros((30, 20, 10), np.uint8, order=order)
+    assert nonzero_box(labels) is None
+    labels[4, 7:9, 9] = 2
+    labels[11:13, 19, 3] = 1
+    assert nonzero_box(labels) == (slice(4, 13), slice(7, 20), slice(3, 10))

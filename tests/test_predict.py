@@ -110,3 +110,32 @@ def test_api_matches_cli(tiny_model, tmp_path):
 def test_no_model_says_how_to_train(tmp_path):
     with pytest.raises(ValueError, match="train one with `medseg train --task prostate`"):
         find_model("prostate", runs=tmp_path / "runs")
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "oblique"])
+def test_overlays_cut_to_the_organs_are_the_same_pictures(orientation, tmp_path):
+    """`medseg predict` draws from the organs' box plus margin: the PNGs must not change by a byte."""
+    import yaml
+
+    from medseg.config import parse_task
+    from medseg.infer import Segmentation
+    from medseg.overlay import write_overlays
+    from medseg.predict import around_organs
+
+    from conftest import TINY_TASK
+
+    task = parse_task(yaml.safe_load(TINY_TASK), "tiny.yaml")
+    grid = make_grid(orientation, shape=(120, 110, 40), spacing=(1.0, 1.0, 2.0))
+    image, labels = blob_case(grid, seed=3)
+    labels = np.asfortranarray(np.where(np.isin(labels, [2, 4]), labels, 0).astype(np.uint8))
+    seg = Segmentation(labels, grid, task.label_names)
+    (image_cut, image_grid), (mask_cut, mask_grid) = around_organs(seg, (image[None], grid))
+    assert mask_cut.size < labels.size and mask_grid == image_grid
+    assert np.count_nonzero(mask_cut) == np.count_nonzero(labels)
+    whole = write_overlays((image[None], grid), (labels, grid), task, tmp_path / "whole", case="c")
+    cut = write_overlays((image_cut, image_grid), (mask_cut, mask_grid), task, tmp_path / "cut", case="c")
+    assert [digest(a) for a in whole] == [digest(b) for b in cut]
+    assert seg.volumes() == Segmentation(labels.copy(), grid, task.label_names).volumes()
+    empty = Segmentation(np.zeros_like(labels), grid, task.label_names)
+    assert around_organs(empty, (image[None], grid))[1][0] is empty.labels
+    assert all(v["voxels"] == 0 for v in empty.volumes().values())
