@@ -32,10 +32,16 @@ def keep_largest_component(labels: np.ndarray, label_ids: Iterable[int], in_plac
 
 
 def _keep_largest_piece(labels: np.ndarray, label_id: int, box: tuple[slice, ...]) -> None:
+    import torch
+
     region = labels[box]
-    pieces, count = ndimage.label(region == label_id, np.ones((3, 3, 3), bool))
+    organ = region == label_id
+    pieces, count = ndimage.label(organ, np.ones((3, 3, 3), bool))
     if count <= 1:
         return
-    sizes = np.bincount(pieces.ravel())
+    # torch counts the int32 piece ids as they are; numpy's bincount would first copy them to int64
+    sizes = torch.bincount(torch.from_numpy(pieces.ravel(order="K")))
     sizes[0] = 0
-    region[(pieces != 0) & (pieces != int(sizes.argmax()))] = 0
+    organ &= pieces != int(sizes.argmax())
+    del pieces
+    region[organ] = 0
