@@ -2,8 +2,9 @@
 
 The scan (`make_scan`): the bundled-style phantom (`--scale` 1.45: enlarged to an adult pelvis) in a
 512 x 512 x Z grid at 0.8 x 0.8 x 2.5 mm (a clinical planning CT's size), a patient in every slice,
-int16 NIfTI. The model: `--model RUN_FOLDER` (a trained prostate model: realistic masks for postprocessing and overlays), else
-the prostate task's default network with seeded random weights (the forward time is the same).
+int16 NIfTI. The model: `--model RUN_FOLDER` (a trained prostate model: realistic masks for
+postprocessing and overlays), else the prostate task's default network with seeded random weights
+(the forward time is the same).
 
 Parts (each prints JSON; all of them go to benchmarks/results/predict.json):
 - `e2e`: `medseg predict` stages in-process (read, preprocess, inference, resample, write, overlays)

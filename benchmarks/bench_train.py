@@ -51,7 +51,8 @@ def bench_steps(steps: int, warmup: int = 3) -> dict:
     from medseg.networks import build_network, plan_network
     from medseg.preprocess import resolve_preprocessing
     from medseg.runtime import keep_freed_memory, prepare_network, resolve_precision
-    from medseg.train import load_subject, make_loss, make_optimizer, patch_batches, train_step
+    from medseg.sample import load_subject, patch_batches
+    from medseg.train import make_loss, make_optimizer, train_step
 
     task = load_task("prostate")
     cases = load_dataset(sample_data_dir("prostate"))

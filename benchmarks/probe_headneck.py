@@ -40,7 +40,8 @@ def main() -> None:
     from medseg.partial import CONTOURED
     from medseg.preprocess import resolve_preprocessing
     from medseg.runtime import autocast, keep_freed_memory
-    from medseg.train import load_subject, make_loss, make_optimizer, patch_batches, train_step
+    from medseg.sample import load_subject, patch_batches
+    from medseg.train import make_loss, make_optimizer, train_step
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)

@@ -122,7 +122,8 @@ def _evaluate_and_draw(seg: Segmentation, image, case: str, out: Path, task, opt
 
         start = time.perf_counter()
         if ref_labels is not None:
-            paths = write_overlays(image, (seg.labels, seg.grid), task, out, reference=(ref_labels, seg.grid), case=case)
+            ref = (ref_labels, seg.grid)
+            paths = write_overlays(image, (seg.labels, seg.grid), task, out, reference=ref, case=case)
         else:
             paths = write_overlays(*around_organs(seg, image), task, out, case=case)
         row["overlays"] = [p.name for p in paths]

@@ -21,7 +21,6 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,19 +30,19 @@ import torch
 import torchio as tio
 
 from medseg import __version__
-from medseg.augment import build_augmentation
 from medseg.config import Task, load_task, parse_task, sample_data_dir, task_to_dict
-from medseg.datasets import Case, compute_fingerprint, load_dataset
+from medseg.datasets import compute_fingerprint, load_dataset
 from medseg.distributed import World
 from medseg.errors import InputError
 from medseg.infer import CONFIG_NAME, resolve_device, sliding_window_logits
-from medseg.io import read_image, read_label, write_text
+from medseg.io import write_text
 from medseg.networks import NetworkPlan, build_network, plan_network
-from medseg.partial import CONTOURED, case_weights, contoured_mask, set_contoured
-from medseg.preprocess import Preprocessing, pad_to, preprocess, resolve_preprocessing
+from medseg.partial import CONTOURED
+from medseg.preprocess import Preprocessing, resolve_preprocessing
 from medseg.runfolder import (MetricsTable, TensorBoard, load_checkpoint, make_logger, rng_state, save_checkpoint,
                               set_rng_state, silent_logger)
 from medseg.runtime import autocast, prepare_network, resolve_precision
+from medseg.sample import load_subject, make_split, patch_batches
 
 
 @dataclass(frozen=True)
@@ -62,75 +61,6 @@ class TrainOptions:
     resume: bool = False
     compile: bool = False
     precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU runs bf16 natively (medseg.runtime)
-
-
-# -------------------------------------------------------------------------------------- the data
-
-
-def make_split(names: list[str], folds: int, fold: int, seed: int) -> dict[str, list[str]]:
-    """K-fold split of case names, shuffled with `seed`; fold `fold` is held out for validation."""
-    if fold >= folds:
-        raise InputError(f"--fold {fold} is out of range for --folds {folds} (folds are numbered 0..{folds - 1})")
-    if len(names) < 2:
-        return {"train": list(names), "validation": list(names)}
-    order = sorted(names)
-    random.Random(seed).shuffle(order)
-    folds = min(folds, len(order))
-    held_out = sorted(order[fold % folds::folds])
-    return {"train": sorted(n for n in order if n not in held_out), "validation": held_out}
-
-
-def load_subject(case: Case, prep: Preprocessing, task: Task, cache: Path) -> tio.Subject:
-    """Read, check and preprocess one case, or take it from the run's cache.
-
-    The subject carries the case's contoured-organ mask under `CONTOURED` (see `medseg.partial`); it
-    is not cached, so the dataset's current `contoured` lists always apply.
-    """
-    path = cache / f"{case.name}.pt"
-    if path.is_file():
-        saved = load_checkpoint(path)
-        affine = saved["affine"].numpy()
-        return tio.Subject(image=tio.ScalarImage(tensor=saved["image"], affine=affine),
-                           label=tio.LabelMap(tensor=saved["label"], affine=affine), name=case.name,
-                           **{CONTOURED: contoured_mask(case.contoured, task)})
-    image, grid = read_image(case.images)
-    labels, label_grid = read_label(case.label)
-    if not grid.matches(label_grid):
-        raise InputError(f"{case.label}: label grid ({label_grid.describe()}) does not match image {case.images[0]} "
-                         f"({grid.describe()})")
-    unknown = sorted(set(np.unique(labels).tolist()) - {0, *task.label_names} - {task.ignore_label})
-    if unknown:
-        raise InputError(f"{case.label}: label values {unknown} are not labels of task '{task.name}'")
-    subject = pad_to(preprocess(prep, image, grid, labels), task.patch_size)
-    save_checkpoint(path, {"image": subject["image"].data.contiguous(), "label": subject["label"].data.contiguous(),
-                           "affine": torch.from_numpy(subject["image"].affine)})
-    subject["name"] = case.name
-    return set_contoured(subject, contoured_mask(case.contoured, task))
-
-
-def patch_batches(subjects: list[tio.Subject], task: Task, device: torch.device) -> Iterator[dict]:
-    """Endless batches of augmented patches: TorchIO Queue + LabelSampler (organ-weighted)."""
-    sampling = task.sampling
-    weights = sampling.label_weights or {label.name: 1.0 for label in task.labels}
-    total = sum(weights.values())
-    probabilities = {0: 1.0 - sampling.foreground_probability}
-    for name, weight in weights.items():
-        probabilities[task.label_id(name)] = sampling.foreground_probability * weight / total
-    draw = case_weights([subject[CONTOURED] for subject in subjects]) if sampling.balance_contoured else None
-    while True:
-        # one pass over the cases; with balancing, N cases drawn with replacement by their weights
-        cases = subjects if draw is None else [subjects[i] for i in torch.multinomial(draw, len(subjects), True)]
-        queue = tio.Queue(
-            tio.SubjectsDataset(cases, transform=build_augmentation(task)),
-            max_length=max(sampling.queue_length, task.schedule.batch_size),
-            samples_per_volume=sampling.samples_per_volume,
-            sampler=tio.LabelSampler(task.patch_size, "label", probabilities),
-            num_workers=sampling.num_workers,
-            shuffle_subjects=True,
-            shuffle_patches=True,
-        )
-        yield from torch.utils.data.DataLoader(queue, batch_size=task.schedule.batch_size, num_workers=0,
-                                               pin_memory=device.type == "cuda")
 
 
 # ------------------------------------------------------------------------------- the optimiser

@@ -12,7 +12,7 @@ import yaml
 from medseg.augment import flip_left_right
 from medseg.config import Augmentation, FlipAug, Sampling, parse_task
 from medseg.partial import CONTOURED, case_weights, contoured_mask, uncontoured_organs
-from medseg.train import patch_batches
+from medseg.sample import patch_batches
 
 from conftest import TINY_TASK
 
