@@ -156,7 +156,10 @@ class Segmentation:
 
     @cached_property
     def extent(self) -> tuple[slice, slice, slice] | None:
-        """The box that holds every organ voxel (None: no organ): counting and drawing need only that."""
+        """The box that holds every organ voxel (None: no organ): counting and drawing need only that.
+
+        Found on first use and kept: change `labels` in place after that and it is stale.
+        """
         from medseg.metrics import nonzero_box
 
         return nonzero_box(self.labels)
