@@ -17,7 +17,7 @@ Dice, HD95, surface Dice at 2 mm; mean, std, n over contoured cases), metrics.cs
 organ x metric), training_curve.png and training_metrics.csv, train.log, split.json and command.txt.
 Scratch (preprocessed cache, model, predictions) goes to `--work`, replaced on every run.
 
-    python benchmarks/bench_headneck.py [--minutes 60] [--val-cases 33] [--device auto]
+    python benchmarks/bench_headneck.py [--minutes 60] [--val-cases 33] [--device auto] [--uniform-cases]
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-cases", type=int, default=None, help="evaluate only the first N held-out cases "
                         "(smoke tests); default all")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--uniform-cases", action="store_true", help="ablation: the task with "
+                        "sampling.balance_contoured off (cases drawn uniformly)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "headneck")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "headneck",
                         help="scratch folder, replaced on every run")
@@ -126,9 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.work.exists():
         shutil.rmtree(args.work)
     view = write_view(data, meta, train, args.work / "train_data")
+    task = TASK
+    if args.uniform_cases:
+        import yaml
+
+        from medseg.config import pipelines_dirs
+
+        settings = yaml.safe_load((pipelines_dirs()[0] / f"{TASK}.yaml").read_text())
+        settings["sampling"]["balance_contoured"] = False
+        task = args.work / f"{TASK}_uniform_cases.yaml"
+        task.write_text(yaml.safe_dump(settings, sort_keys=False))
     run, predictions, evaluation = args.work / "run", args.work / "predictions", args.work / "evaluation"
 
-    seconds = {"train": medseg("train", "--task", TASK, "--data", view, "--out", run, "--max-minutes", args.minutes,
+    seconds = {"train": medseg("train", "--task", task, "--data", view, "--out", run, "--max-minutes", args.minutes,
                                "--folds", INTERNAL_FOLDS, "--fold", 0, "--seed", 0, "--device", device)}
     images = [data / "imagesTr" / f"{name}.nii.gz" for name in evaluated]
     seconds["predict"] = medseg("predict", *images, "--model", run, "--out", predictions, "--no-overlays",
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     masks.mkdir()
     for name in evaluated:
         os.symlink((predictions / f"{name}_seg.nii.gz").resolve(), masks / f"{name}_seg.nii.gz")
-    seconds["evaluate"] = medseg("evaluate", "--pred", masks, "--ref", data, "--task", TASK, "--out", evaluation)
+    seconds["evaluate"] = medseg("evaluate", "--pred", masks, "--ref", data, "--task", task, "--out", evaluation)
 
     args.results.mkdir(parents=True, exist_ok=True)
     summary = json.loads((evaluation / "summary.json").read_text())
