@@ -11,7 +11,6 @@ once, and rank 0 writes the summary and review page of all of them at the end.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,17 +94,18 @@ def write_outputs(seg: Segmentation, image, case: str, out: Path, task, options:
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-write") as writer:
         masks = writer.submit(_write_masks, seg, task, out, case)
-        row = _evaluate_and_draw(seg, image, case, out, task, options, reference)
+        organs = seg.volumes()
+        row = _evaluate_and_draw(seg, organs, image, case, out, task, options, reference)
         row["seconds"]["write"] = round(masks.result(), 3)
-    volumes = {"case": case, "organs": seg.volumes(), "seconds": row["seconds"]}
+    volumes = {"case": case, "organs": organs, "seconds": row["seconds"]}
     write_text(json.dumps(volumes, indent=2), out / f"{case}_volumes.json")
     return row
 
 
-def _evaluate_and_draw(seg: Segmentation, image, case: str, out: Path, task, options: PredictOptions,
+def _evaluate_and_draw(seg: Segmentation, organs: dict, image, case: str, out: Path, task, options: PredictOptions,
                        reference: Path | None) -> dict:
     seconds = dict(seg.seconds)
-    row = {"case": case, "volumes_ml": {k: v["volume_ml"] for k, v in seg.volumes().items()}, "overlays": []}
+    row = {"case": case, "volumes_ml": {k: v["volume_ml"] for k, v in organs.items()}, "overlays": []}
     ref_labels = None
     if reference is not None:
         from medseg.evaluate import evaluate_case
@@ -138,12 +138,11 @@ def around_organs(seg: Segmentation, image: tuple) -> tuple[tuple, tuple]:
     The overlays show that box only, so they come out the same, but choosing and drawing slices then
     never passes over a whole 512 x 512 CT.
     """
-    from medseg.overlay.views import MARGIN_MM
+    from medseg.overlay.views import with_margin
 
     if seg.extent is None:
         return image, (seg.labels, seg.grid)
-    margin = [math.ceil(MARGIN_MM / s) for s in seg.grid.spacing]
-    box = tuple(slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(seg.extent, margin, seg.grid.shape))
+    box = with_margin(seg.extent, seg.grid.spacing, seg.grid.shape)
     grid = seg.grid.crop(box)
     # a copy in the mask's own memory order: find_objects on a strided view is ~2x slower
     return (image[0][(slice(None), *box)], grid), (np.asfortranarray(seg.labels[box]), grid)

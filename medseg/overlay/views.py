@@ -147,6 +147,11 @@ def organ_box(labels: Sequence[np.ndarray], spacing: Sequence[float]) -> tuple[s
     boxes = [box for array in labels for box in label_boxes(array) if box is not None]
     if not boxes:
         return tuple(slice(0, n) for n in shape)
+    union = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(len(shape)))
+    return with_margin(union, spacing, shape)
+
+
+def with_margin(box: Sequence[slice], spacing: Sequence[float], shape: Sequence[int]) -> tuple[slice, ...]:
+    """`box` grown by MARGIN_MM on every side, clipped to a volume of `shape`."""
     margin = [math.ceil(MARGIN_MM / s) for s in spacing]
-    return tuple(slice(max(min(b[a].start for b in boxes) - m, 0), min(max(b[a].stop for b in boxes) + m, n))
-                 for a, (m, n) in enumerate(zip(margin, shape)))
+    return tuple(slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box, margin, shape))
