@@ -227,7 +227,7 @@ def read_image(paths: str | Path | Sequence[str | Path], dtype: type | None = np
             raise InputError(f"{path}: image has {int((~np.isfinite(array)).sum())} NaN/inf voxels")
         channels.append(array)
         grid = grid or this
-    return np.stack(channels), grid
+    return (np.stack(channels) if len(channels) > 1 else channels[0][None]), grid  # one channel: no copy
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, Grid]:
@@ -296,7 +296,7 @@ def from_array(array: np.ndarray, grid: Grid) -> sitk.Image:
 
 def write_label_map(labels: np.ndarray, grid: Grid, path: str | Path) -> Path:
     """Write a uint8 (X, Y, Z) label map on exactly `grid` (NIfTI gets qform and sform, codes 1)."""
-    if labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+    if labels.dtype != np.uint8 and (labels.min(initial=0) < 0 or labels.max(initial=0) > 255):
         raise ValueError("label values must be within 0..255")
     return write_sitk(from_array(labels.astype(np.uint8, copy=False), grid), path)
 

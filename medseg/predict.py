@@ -21,7 +21,8 @@ import numpy as np
 from medseg.distributed import World
 from medseg.errors import InputError
 from medseg.infer import Predictor, Segmentation, resolve_device
-from medseg.io import case_name, is_image_path, read_image, read_label, write_image, write_label_map, write_text
+from medseg.io import (case_name, from_array, is_image_path, read_image, read_label, write_image, write_sitk,
+                       write_text)
 
 __all__ = ["Predictor", "PredictOptions", "predict_many", "find_model", "expand_inputs"]
 
@@ -74,11 +75,12 @@ def _write_masks(seg: Segmentation, task, out: Path, case: str) -> float:
     from medseg.viewers import write_viewer_files
 
     start = time.perf_counter()
-    write_label_map(seg.labels, seg.grid, out / f"{case}_seg.nii.gz")
+    mask = from_array(seg.labels, seg.grid)  # one SimpleITK copy of the mask, for the NIfTI and the NRRD
+    write_sitk(mask, out / f"{case}_seg.nii.gz")
     if seg.probabilities is not None:
         for label_id, organ in seg.organs.items():
             write_image(seg.probabilities[label_id], seg.grid, out / f"{case}_prob_{organ}.nii.gz")
-    write_viewer_files(seg.labels, seg.grid, task.labels, out, case)
+    write_viewer_files(seg.labels, seg.grid, task.labels, out, case, image=mask)
     return time.perf_counter() - start
 
 

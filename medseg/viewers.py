@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from medseg.config import DEFAULT_COLORS, Label
 from medseg.io import Grid, from_array, write_sitk, write_text
@@ -90,7 +91,7 @@ def itksnap_label_text(task_labels: Sequence[Label], labels: np.ndarray | None =
 
 
 def write_viewer_files(labels: np.ndarray, grid: Grid, task_labels: Sequence[Label], out_dir: str | Path,
-                       case: str) -> list[Path]:
+                       case: str, image: sitk.Image | None = None) -> list[Path]:
     """Write `<case>.seg.nrrd` (3D Slicer) and `<case>_itksnap_labels.txt` (ITK-SNAP) into `out_dir`.
 
     Args:
@@ -99,15 +100,18 @@ def write_viewer_files(labels: np.ndarray, grid: Grid, task_labels: Sequence[Lab
         task_labels: organ ids, names and colours (`task.labels`).
         out_dir: output folder, created if needed.
         case: file name prefix.
+        image: the same label map already as a SimpleITK image on `grid` (saves a copy of the mask);
+            the Slicer fields are added to its metadata.
 
     Returns:
         The two paths, written atomically.
     """
     labels = np.asarray(labels)
-    if labels.dtype.kind not in "iub" or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+    if labels.dtype != np.uint8 and (labels.dtype.kind not in "iub" or labels.min(initial=0) < 0
+                                     or labels.max(initial=0) > 255):
         raise ValueError(f"labels must be integers in 0..255, got {labels.dtype} values")
     labels = labels.astype(np.uint8, copy=False)
-    image = from_array(labels, grid)
+    image = image if image is not None else from_array(labels, grid)
     for key, value in slicer_metadata(labels, task_labels).items():
         image.SetMetaData(key, value)
     out_dir = Path(out_dir)
