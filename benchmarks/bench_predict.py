@@ -24,6 +24,7 @@ Parts (each prints JSON; all of them go to benchmarks/results/predict.json):
   nearest neighbour.
 
     python benchmarks/bench_predict.py [e2e stitching memory crop resample] [--slices 200] [--model RUN_FOLDER]
+                                       [--device cuda]   (e2e and stitching; results under e2e_cuda, stitching_cuda)
 """
 
 from __future__ import annotations
@@ -114,15 +115,20 @@ def bare_forward_seconds(network, windows: int, batch: int, roi) -> float:
     from medseg.infer import autocast
 
     device = next(network.parameters()).device
-    data = torch.randn(batch, 1, *roi)
-    start = time.perf_counter()
+    data = torch.randn(batch, 1, *roi, device=device)
     with torch.inference_mode(), autocast(device):
+        if device.type == "cuda":  # cuDNN picks its kernels on the first batch
+            network(data)
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         for first in range(0, windows, batch):
             network(data[: min(batch, windows - first)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def bench_e2e(scan: Path, model: Path, out: Path, scale: float) -> dict:
+def bench_e2e(scan: Path, model: Path, out: Path, scale: float, device: str = "cpu") -> dict:
     from dataclasses import replace
 
     from medseg.infer import Predictor
@@ -132,8 +138,8 @@ def bench_e2e(scan: Path, model: Path, out: Path, scale: float) -> dict:
     from medseg.runtime import keep_freed_memory
 
     keep_freed_memory()  # as `medseg predict` does at start-up
-    predictor = Predictor(model, device="cpu")
-    options = PredictOptions(model=model, device="cpu")
+    predictor = Predictor(model, device=device)
+    options = PredictOptions(model=model, device=device)
 
     def run() -> tuple[float, dict, object, tuple]:
         start = time.perf_counter()
@@ -157,6 +163,7 @@ def bench_e2e(scan: Path, model: Path, out: Path, scale: float) -> dict:
     bare = bare_forward_seconds(predictor.bundle.network, windows, settings.sw_batch_size, roi)
     result = {
         "scan": {"shape": list(image[0].shape[1:]), "spacing_mm": list(SPACING), "anatomy_scale": scale},
+        "device": str(predictor.bundle.device), "precision": predictor.bundle.precision,
         "model": "trained" if (model / "metrics.csv").is_file() else "seeded random weights",
         "model_grid": list(grid.shape), "body_box": [[b.start, b.stop] for b in box],
         "windows": windows, "windows_whole_volume": whole, "roi": list(roi), "overlap": predictor.overlap,
@@ -179,7 +186,7 @@ def bench_e2e(scan: Path, model: Path, out: Path, scale: float) -> dict:
     return result
 
 
-def bench_stitching(scan: Path, model: Path, repeats: int) -> dict:
+def bench_stitching(scan: Path, model: Path, repeats: int, device: str = "cpu") -> dict:
     import torch
     import torchio as tio
     from monai.inferers import sliding_window_inference
@@ -188,9 +195,13 @@ def bench_stitching(scan: Path, model: Path, repeats: int) -> dict:
     from medseg.io import read_image
     from medseg.preprocess import preprocess
 
-    predictor = Predictor(model, device="cpu")
+    predictor = Predictor(model, device=device)
     network = predictor.bundle.network
     volume = preprocess(predictor.bundle.preprocessing, *read_image(scan))["image"].data  # (1, X, Y, Z)
+    on_device = volume.to(predictor.bundle.device)
+
+    def finish(tensor):  # the others' results come back to the CPU, as medseg's do
+        return tensor.float().cpu()
     roi, overlap = predictor.bundle.plan.patch_size, predictor.overlap
     batch = predictor.task.inference.sw_batch_size
 
@@ -199,11 +210,13 @@ def bench_stitching(scan: Path, model: Path, repeats: int) -> dict:
 
     def monai_default():
         with torch.inference_mode():
-            return sliding_window_inference(volume[None], roi, 1, network, overlap=overlap, mode="gaussian")[0]
+            return finish(sliding_window_inference(on_device[None], roi, 1, network, overlap=overlap,
+                                                   mode="gaussian")[0])
 
     def monai_batched():
         with torch.inference_mode():
-            return sliding_window_inference(volume[None], roi, batch, network, overlap=overlap, mode="gaussian")[0]
+            return finish(sliding_window_inference(on_device[None], roi, batch, network, overlap=overlap,
+                                                   mode="gaussian")[0])
 
     def torchio_grid():
         padding = [p for r, n in zip(roi, volume.shape[1:]) for p in (0, max(0, r - n))]
@@ -215,7 +228,8 @@ def bench_stitching(scan: Path, model: Path, repeats: int) -> dict:
         loader = torch.utils.data.DataLoader(sampler, batch_size=batch)
         with torch.inference_mode():
             for patches in loader:
-                aggregator.add_batch(network(patches["image"][tio.DATA]), patches[tio.LOCATION])
+                logits = network(patches["image"][tio.DATA].to(on_device.device))
+                aggregator.add_batch(logits.float().cpu(), patches[tio.LOCATION])
         return aggregator.get_output_tensor()[(slice(None), *(slice(0, n) for n in volume.shape[1:]))]
 
     ways = {"medseg": medseg_way, "monai_default_sw_batch_1": monai_default,
@@ -380,11 +394,13 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="in-plane size of the anatomy (1.45: an adult pelvis, larger than the sample data's)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where e2e and stitching run the network")
     parser.add_argument("--model", type=Path, help="trained run folder (needed by `resample` and `crop`; "
                                                    "e2e and memory use it too, else seeded random weights)")
     args = parser.parse_args()
     result: dict = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                "torch": torch.__version__, "threads": torch.get_num_threads()},
+                                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
                     "command": "python benchmarks/bench_predict.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -394,10 +410,10 @@ def main() -> None:
         if {"e2e", "stitching"} & set(args.parts):
             scan = make_scan(tmp / "scan.nii.gz", args.slices, scale=args.scale)
         if "e2e" in args.parts:
-            result["e2e"] = bench_e2e(scan, model, tmp / "out", args.scale)
+            result["e2e"] = bench_e2e(scan, model, tmp / "out", args.scale, args.device)
             print(json.dumps(result["e2e"]), flush=True)
         if "stitching" in args.parts:
-            result["stitching"] = bench_stitching(scan, model, args.repeats)
+            result["stitching"] = bench_stitching(scan, model, args.repeats, args.device)
             print(json.dumps(result["stitching"]), flush=True)
         if "crop" in args.parts:
             if not args.model:
@@ -414,6 +430,7 @@ def main() -> None:
     merged = json.loads(path.read_text()) if path.is_file() else {}
     for part in args.parts:
         key = part if args.scale == 1 or part not in ("e2e", "memory") else f"{part}_scale_{args.scale:g}"
+        key += "" if args.device == "cpu" or part not in ("e2e", "stitching") else f"_{args.device.replace(':', '')}"
         merged[key] = {**result[part], "command": result["command"], "machine": result["machine"]}
     path.write_text(json.dumps(merged, indent=2) + "\n")
 

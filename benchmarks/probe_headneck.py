@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchio as tio
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -81,9 +80,9 @@ def main() -> None:
         if step % 10 == 0:
             network.eval()
             with torch.inference_mode(), autocast(device):
-                output = network(batch["image"][tio.DATA]).float()
+                output = network(batch["image"]).float()
             network.train()
-            predicted, target = output.argmax(1), batch["label"][tio.DATA][:, 0].long()
+            predicted, target = output.argmax(1), batch["label"][:, 0].long()
             for case, contoured in enumerate(batch[CONTOURED]):
                 for label in organs:
                     if contoured[label]:

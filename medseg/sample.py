@@ -68,7 +68,8 @@ def load_subject(case: Case, prep: Preprocessing, task: Task, cache: Path) -> ti
 
 
 def patch_batches(subjects: list[tio.Subject], task: Task, device: torch.device) -> Iterator[dict]:
-    """Endless batches of augmented patches: TorchIO Queue + LabelSampler (organ-weighted)."""
+    """Endless batches of augmented patches: TorchIO Queue + LabelSampler (organ-weighted), as
+    `collate_patches` makes them."""
     sampling = task.sampling
     weights = sampling.label_weights or {label.name: 1.0 for label in task.labels}
     total = sum(weights.values())
@@ -89,4 +90,19 @@ def patch_batches(subjects: list[tio.Subject], task: Task, device: torch.device)
             shuffle_patches=True,
         )
         yield from torch.utils.data.DataLoader(queue, batch_size=task.schedule.batch_size, num_workers=0,
-                                               pin_memory=device.type == "cuda")
+                                               collate_fn=collate_patches, pin_memory=device.type == "cuda")
+
+
+def collate_patches(patches: list[tio.Subject]) -> dict:
+    """A batch as plain tensors: image and label (B, C, x, y, z), contoured organs (B, K), case names.
+
+    PyTorch's default collate rebuilds TorchIO Images, which the CUDA loader's `pin_memory` then
+    copies with `copy.copy`, and a copied Image fails TorchIO's own checks: `medseg train --device
+    cuda` stopped at its first batch (seen on an H100). Plain tensors pin, and are all a step uses.
+    """
+    batch = {"image": torch.stack([patch["image"].data for patch in patches]),
+             "label": torch.stack([patch["label"].data for patch in patches]),
+             "name": [patch.get("name", "") for patch in patches]}
+    if all(CONTOURED in patch for patch in patches):
+        batch[CONTOURED] = torch.stack([torch.as_tensor(patch[CONTOURED]) for patch in patches])
+    return batch

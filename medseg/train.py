@@ -109,8 +109,8 @@ class Progress:
 def train_step(network, batch: dict, loss_fn, optimizer, task: Task, device: torch.device,
                precision: str = "auto") -> float:
     """One optimisation step on a batch from `patch_batches`; returns the loss."""
-    image = batch["image"][tio.DATA].to(device, non_blocking=True)
-    target = batch["label"][tio.DATA].to(device, non_blocking=True)
+    image = batch["image"].to(device, non_blocking=True)
+    target = batch["label"].to(device, non_blocking=True)
     contoured = batch[CONTOURED].to(device) if CONTOURED in batch else None
     with autocast(device, precision):
         output = network(image).float()  # loss in fp32: CPU autocast would leave softmax in bf16
@@ -149,7 +149,7 @@ def train_one_epoch(network, batches, loss_fn, optimizer, task: Task, progress: 
         progress.step += 1
         progress.seconds += world.max(time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2g}",
-                        patches_per_s=f"{len(batch['image'][tio.DATA]) / (time.perf_counter() - start):.1f}")
+                        patches_per_s=f"{len(batch['image']) / (time.perf_counter() - start):.1f}")
         bar.update()
     bar.close()
     return float(np.mean(losses)) if losses else float("nan")

@@ -65,7 +65,9 @@ def torchrun(records: Path, *medseg_args: str) -> list[dict]:
     records.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
                str(records), *medseg_args]
-    env = {**os.environ, "PYTHONPATH": str(Path(medseg.__file__).parents[1])}  # the medseg under test
+    # the medseg under test first, then whatever the environment already had on the path
+    path = [str(Path(medseg.__file__).parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((records / f"rank{rank}.json").read_text()) for rank in range(2)]

@@ -56,6 +56,19 @@ def test_mask_survives_the_queue_and_collates_per_case():
         assert mask.tolist() == [True, False, True, False, False, True]
 
 
+def test_batches_are_plain_tensors_that_a_cuda_loader_can_pin():
+    """The CUDA loader pins (and first `copy.copy`s) every batch; TorchIO Images do not survive that."""
+    import copy
+
+    batch = next(patch_batches([subject(["bladder"]), subject(["rectum"])], TASK, torch.device("cpu")))
+    size = TASK.schedule.batch_size
+    assert set(batch) == {"image", "label", "name", CONTOURED}
+    assert batch["image"].shape == (size, 1, *TASK.patch_size) and batch["label"].shape == (size, 1, *TASK.patch_size)
+    assert batch[CONTOURED].shape == (size, 6) and len(batch["name"]) == size
+    assert all(type(value) is torch.Tensor for key, value in batch.items() if key != "name")
+    assert torch.equal(copy.copy(batch)["label"], batch["label"])
+
+
 def test_case_weights_follow_the_least_contoured_organ():
     everything = contoured_mask(None, TASK)
     no_prostate = contoured_mask(["bladder", "rectum", "femoral_head_left", "femoral_head_right"], TASK)

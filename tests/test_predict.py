@@ -102,7 +102,8 @@ def test_api_matches_cli(tiny_model, tmp_path):
     image, _ = blob_case(grid, seed=5)
     path = write_image(image, grid, tmp_path / "scan.nii.gz")
     seg = Predictor(tiny_model, device="cpu").predict(path)
-    assert main(["predict", str(path), "-o", str(tmp_path / "out"), "-m", str(tiny_model), "--no-overlays"]) == 0
+    assert main(["predict", str(path), "-o", str(tmp_path / "out"), "-m", str(tiny_model), "--no-overlays",
+                 "--device", "cpu"]) == 0  # the same device as the API call: bf16 on a GPU differs slightly
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "scan_seg.nii.gz"))).transpose(2, 1, 0)
     assert np.array_equal(seg.labels, written)
 
