@@ -282,3 +282,25 @@ def test_cli_overlay_command(write_case, tmp_path):
 def test_importing_overlay_does_not_import_plotting_libraries():
     code = "import sys, medseg.overlay; print(any(m.split('.')[0] in ('PIL', 'matplotlib') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("out_shape", [(30, 45), (90, 200), (240, 75)], ids=["shrink", "enlarge", "mixed"])
+def test_organ_window_holds_everything_drawn_for_the_organ(out_shape):
+    """Drawing an organ only in its window gives the whole slice's picture: its interpolated mask and
+    the outline 2 px beyond it lie inside the window, and the window's values are the whole's, cut."""
+    from scipy import ndimage
+
+    from medseg.overlay.render import _organ_window, _resize
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        organ = ndimage.gaussian_filter(rng.random((60, 80)), 2) > 0.56
+        if not organ.any():
+            continue
+        whole = _resize(organ, out_shape)
+        window = _organ_window(organ, out_shape)
+        part = tuple(slice(*span) for span in window)
+        assert np.array_equal(_resize(organ, out_shape, window), whole[part])
+        reach = ndimage.binary_dilation(whole >= 0.5, iterations=3)
+        reach[part] = False
+        assert not reach.any()

@@ -77,21 +77,27 @@ def slice_position(grid: Grid, axis: int, index: int) -> str:
     return f"{letter} {abs(value):.1f} mm"
 
 
-def _extents(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
+def organ_extents(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
+    """Each organ's bounding box in a label map, {label value: box}; absent organs are left out.
+
+    One pass over the mask: the overlays find them once and hand them to every view.
+    """
     return {value: box for value, box in enumerate(label_boxes(labels), start=1) if box is not None}
 
 
 def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
-                  reference: np.ndarray | None = None) -> list[tuple[int, int]]:
+                  reference: np.ndarray | None = None,
+                  extents: Sequence[dict[int, tuple[slice, ...]]] | None = None) -> list[tuple[int, int]]:
     """Slices to show along `axis` of (X, Y, Z) label maps, as sorted (index, differing voxels) pairs.
 
     With a reference, the DISAGREEMENT_TILES slices where more voxels differ than anywhere else are
     chosen first and carry their count of differing voxels (the other slices carry 0). The rest are
     spread over the slices that hold an organ, denser where more organs meet; an organ whose central
     half no slice crosses gets one through its centre, so that no organ is shown only by a sliver at
-    its edge. Without any organ, the slices spread evenly over the whole volume.
+    its edge. Without any organ, the slices spread evenly over the whole volume. `extents`: the
+    `organ_extents` of prediction (and reference), where the caller has them already.
     """
-    boxes = [_extents(prediction)] + ([_extents(reference)] if reference is not None else [])
+    boxes = extents or [organ_extents(prediction)] + ([organ_extents(reference)] if reference is not None else [])
     spans = [(box[axis].start, box[axis].stop - 1) for found in boxes for box in found.values()]
     low, high = (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else (0, prediction.shape[axis] - 1)
     picks: dict[int, int] = {}
@@ -143,8 +149,13 @@ def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
 
 def organ_box(labels: Sequence[np.ndarray], spacing: Sequence[float]) -> tuple[slice, ...]:
     """The organs' bounding box grown by MARGIN_MM, clipped to the volume; the whole volume if no organ."""
-    shape = np.shape(labels[0])
-    boxes = [box for array in labels for box in label_boxes(array) if box is not None]
+    return extents_box([organ_extents(array) for array in labels], np.shape(labels[0]), spacing)
+
+
+def extents_box(extents: Sequence[dict[int, tuple[slice, ...]]], shape: Sequence[int],
+                spacing: Sequence[float]) -> tuple[slice, ...]:
+    """`organ_box` from the `organ_extents` of the label maps."""
+    boxes = [box for found in extents for box in found.values()]
     if not boxes:
         return tuple(slice(0, n) for n in shape)
     union = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(len(shape)))

@@ -12,7 +12,7 @@ from medseg.errors import InputError
 from medseg.io import Grid, atomic_path, case_name, read_image, read_label
 from medseg.metrics import dice, voxel_counts
 from medseg.overlay.montage import montage, render_view, thumbnail
-from medseg.overlay.views import VIEWS, canonical, organ_box
+from medseg.overlay.views import VIEWS, canonical, extents_box, organ_box, organ_extents
 
 
 def _load(source, what: str, labels: bool) -> tuple[np.ndarray, Grid, str]:
@@ -98,7 +98,8 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
     volume_c, grid_c = canonical(volume[box], grid)
     prediction_c = np.ascontiguousarray(canonical(prediction[box], grid)[0])  # find_objects: ~6x faster
     ref_c = np.ascontiguousarray(canonical(ref[box], grid)[0]) if ref is not None else None
-    window, window_text = _window(task, volume_c[organ_box([prediction_c], grid_c.spacing)])
+    extents = [organ_extents(prediction_c)] + ([organ_extents(ref_c)] if ref_c is not None else [])
+    window, window_text = _window(task, volume_c[extents_box(extents[:1], prediction_c.shape, grid_c.spacing)])
     style = "prediction: solid outline + fill"
     if ref is not None:
         style += f"   reference: dashed outline   mean Dice {mean_dice:.3f}"
@@ -109,15 +110,15 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
         notes.append("no organ in the mask" + ("" if ref is None or not ref.any() else " (reference has organs)"))
     # Tiles are drawn and PNGs encoded by two worker threads (numpy and zlib let go of the GIL), while
     # this thread lays out the montages: text goes through FreeType, which is kept to one thread.
+    # Each PNG is queued as soon as its picture is laid out, behind the tiles still being drawn.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="medseg-overlay") as pool:
         tiles = {view.name: pool.submit(render_view, volume_c, prediction_c, grid_c, view, colors, window,
-                                        reference=ref_c) for view in VIEWS}
-        pictures = {"thumb": thumbnail(volume_c, prediction_c, grid_c, colors, window, reference=ref_c)}
+                                        reference=ref_c, extents=extents) for view in VIEWS}
+        thumb = thumbnail(volume_c, prediction_c, grid_c, colors, window, reference=ref_c, extents=extents)
+        written = {"thumb": pool.submit(_write_png, thumb, Path(out) / f"{case}_thumb.png")}
         for view in VIEWS:
-            pictures[view.name] = montage(tiles[view.name].result(), view, f"{case} - {view.name}, {view.caption}",
-                                          notes, legend)
-        written = {name: pool.submit(_write_png, picture, Path(out) / f"{case}_{name}.png")
-                   for name, picture in pictures.items()}
+            picture = montage(tiles[view.name].result(), view, f"{case} - {view.name}, {view.caption}", notes, legend)
+            written[view.name] = pool.submit(_write_png, picture, Path(out) / f"{case}_{view.name}.png")
         return [written[name].result() for name in [view.name for view in VIEWS] + ["thumb"]]
 
 
