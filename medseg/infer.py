@@ -113,8 +113,9 @@ def sliding_window_logits(network: torch.nn.Module, image: torch.Tensor, roi: Se
     The windows, padding and Gaussian weights are MONAI's `sliding_window_inference`'s, and in fp32
     the result is the same to float rounding. The blending is done here: each window's logits are
     added in place (`addcmul_`) into a buffer laid out as the network returns them (channels-last for
-    the bf16 CPU network), where MONAI multiplies into a temporary and adds across layouts. That took
-    the stitching's own time from 0.46 to ~0.17 s on 60 windows (docs/performance.md).
+    the bf16 CPU network), with the weights in that layout too, where MONAI multiplies into a
+    temporary and adds across layouts. That took the stitching's own time from 0.46 to ~0.1 s on 60
+    windows (docs/performance.md).
 
     Windows go through the network `sw_batch_size` at a time: at batch 1 PyTorch sends the small
     convolutions of a window to its slow non-oneDNN path. Prepare the network with
@@ -148,9 +149,9 @@ def sliding_window_logits(network: torch.nn.Module, image: torch.Tensor, roi: Se
             if tuple(out.shape[2:]) != roi:
                 raise ValueError(f"network output {tuple(out.shape)} does not match its window {roi}")
             if logits is None:
-                logits = _blend_buffer(out, sizes)
+                logits, weights = _blend_buffers(out, sizes, weight)
             for window, box in zip(out, boxes):
-                logits[(slice(None), *box)].addcmul_(window, weight)
+                logits[(slice(None), *box)].addcmul_(window, weights)
                 total[box] += weight
         logits.div_(total)
     if any(short):
@@ -158,11 +159,18 @@ def sliding_window_logits(network: torch.nn.Module, image: torch.Tensor, roi: Se
     return logits.float().cpu()
 
 
-def _blend_buffer(out: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-    """Zeros (K, X, Y, Z) float32 in the memory layout of the network's output windows (B, K, x, y, z)."""
-    if out.shape[1] > 1 and out.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.zeros((*sizes, out.shape[1]), device=out.device).permute(3, 0, 1, 2)
-    return torch.zeros((out.shape[1], *sizes), device=out.device)
+def _blend_buffers(out: torch.Tensor, sizes: tuple[int, ...], weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeros (K, X, Y, Z) float32 and the window weights repeated for every class (K, x, y, z), both in
+    the memory layout of the network's output windows (B, K, x, y, z).
+
+    With every operand in one layout, `addcmul_` runs as one contiguous stream: 2.3x faster than
+    broadcasting the (x, y, z) weights over the classes.
+    """
+    classes = out.shape[1]
+    if classes > 1 and out.is_contiguous(memory_format=torch.channels_last_3d):
+        logits = torch.zeros((*sizes, classes), device=out.device).permute(3, 0, 1, 2)
+        return logits, weight[..., None].expand(*weight.shape, classes).contiguous().permute(3, 0, 1, 2)
+    return torch.zeros((classes, *sizes), device=out.device), weight.expand(classes, *weight.shape).contiguous()
 
 
 def flipped_logits(network: torch.nn.Module, image: torch.Tensor, swap: dict[int, int], flips: Sequence[tuple[int, ...]],
