@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from conftest import make_grid
 from medseg.errors import InputError
-from medseg.io import Grid, atomic_path, read_image, read_label, write_image, write_label_map
+from medseg.io import Grid, atomic_path, from_array, read_image, read_label, to_array, write_image, write_label_map
 
 ORIENTATIONS = ["LPS", "RAS", "PLI", "oblique"]
 SUFFIXES = [".nii.gz", ".nrrd", ".mha"]
@@ -120,6 +120,30 @@ def test_reads_do_not_modify_inputs(write_case):
     read_image(image_path)
     read_label(label_path)
     assert (digest(image_path), digest(label_path), image_path.stat().st_mtime_ns) == before
+
+
+def test_scan_in_its_own_voxel_type_is_a_view_that_goes_back_without_a_copy(tmp_path):
+    """`read_image(dtype=None)` hands out the file's voxels read-only; `from_array` gives that very image
+    back, and any other array (flipped, another grid, a copy) a new image of its own values."""
+    import gc
+
+    grid = make_grid("LPS", shape=(12, 10, 8))
+    values = np.random.default_rng(0).integers(-1000, 1000, grid.shape).astype(np.int16)
+    path = write_image(values, grid, tmp_path / "scan.nii.gz")
+    array, read_grid = read_image(path, dtype=None)
+    gc.collect()  # nothing but the array holds the image now: its voxels must still be there
+    assert np.array_equal(array[0], values) and not array.flags.writeable
+    with pytest.raises(ValueError):
+        array[0, 0, 0, 0] = 1
+    image = from_array(array[0], read_grid)
+    assert image is from_array(array[0], read_grid)  # the image read from disk, not a copy
+    assert np.array_equal(to_array(image), values)
+    flipped = from_array(array[0][::-1], read_grid)
+    assert np.array_equal(to_array(flipped), values[::-1])
+    moved = Grid(read_grid.shape, read_grid.spacing, (1.0, 2.0, 3.0), read_grid.direction)
+    assert Grid.of(from_array(array[0], moved)) == moved
+    assert Grid.of(from_array(array[0], read_grid)) == read_grid  # the moved copy left the original alone
+    assert read_image(path)[0].flags.writeable  # float32 (training's default): a copy of its own
 
 
 def test_channels_stack_to_cxyz(write_case):
