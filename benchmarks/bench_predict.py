@@ -9,9 +9,10 @@ postprocessing and overlays), else the prostate task's default network with seed
 Parts (each prints JSON; all of them go to benchmarks/results/predict.json):
 - `e2e`: `medseg predict` stages in-process (read, preprocess, inference, resample, write, overlays)
   against the bare forward passes of the windows it runs (same batch, same model): the ratio says how
-  much of the time is medseg's own overhead (target <= 1.2). Also against the forward passes of every
-  window of the whole volume (what a plain sliding window runs), and the same scan without the body
-  crop (voxels that differ).
+  much of the time is medseg's own overhead (target <= 1.2). After a first (cold) run, `--repeats`
+  warm runs alternate with bare passes, and the run with the median ratio is reported, every ratio
+  beside it. Also against the forward passes of every window of the whole volume (what a plain
+  sliding window runs), and the same scan without the body crop (voxels that differ).
 - `stitching`: the inference step alone (on the preprocessed volume) for medseg, plain MONAI
   `sliding_window_inference` (its defaults: sw_batch_size 1) and TorchIO `GridSampler` +
   `GridAggregator`, same model, volume, window and overlap.
