@@ -47,7 +47,8 @@ def bench_steps(steps: int, warmup: int = 3) -> dict:
     import torch
 
     from medseg.config import load_task, sample_data_dir
-    from medseg.datasets import compute_fingerprint, load_dataset
+    from medseg.datasets import load_dataset
+    from medseg.fingerprint import compute_fingerprint
     from medseg.networks import build_network, plan_network
     from medseg.preprocess import resolve_preprocessing
     from medseg.runtime import keep_freed_memory, prepare_network, resolve_precision

@@ -34,7 +34,8 @@ def main() -> None:
     from bench_headneck import DEFAULT_DATA, split_cases
 
     from medseg.config import load_task
-    from medseg.datasets import compute_fingerprint, load_dataset
+    from medseg.datasets import load_dataset
+    from medseg.fingerprint import compute_fingerprint
     from medseg.networks import build_network, plan_network
     from medseg.partial import CONTOURED
     from medseg.preprocess import resolve_preprocessing

@@ -78,7 +78,7 @@ def check_dataset(
     never inside the dataset.
     """
     from medseg.config import load_task
-    from medseg.datasets import check_dataset as run_check
+    from medseg.fingerprint import check_dataset as run_check
 
     report = run_check(path, load_task(task), fingerprint_path=out)
     typer.echo(report.summary())

@@ -31,7 +31,8 @@ import torchio as tio
 
 from medseg import __version__
 from medseg.config import Task, load_task, parse_task, sample_data_dir, task_to_dict
-from medseg.datasets import compute_fingerprint, load_dataset
+from medseg.datasets import load_dataset
+from medseg.fingerprint import compute_fingerprint
 from medseg.distributed import World
 from medseg.errors import InputError
 from medseg.infer import CONFIG_NAME, resolve_device, sliding_window_logits

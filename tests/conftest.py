@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,34 @@ def tiny_model(tiny_dataset, tmp_path_factory) -> Path:
 
     root, task = tiny_dataset
     return fit(TrainOptions(task=task, data=root, out=tmp_path_factory.mktemp("runs") / "tiny", epochs=2))
+
+
+# ---------------------------------------------------------------------- an MSD dataset of blobs
+
+
+def make_msd(root: Path, write_case, orientations=("LPS", "PLI", "PLI"), test=0) -> Path:
+    """An MSD dataset of blob cases: imagesTr/, labelsTr/ and dataset.json (test cases as plain paths)."""
+    for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / folder).mkdir(parents=True)
+    entries = {"training": [], "test": []}
+    for i, orientation in enumerate([*orientations, *["RAS"] * test]):
+        split, suffix = ("training", "Tr") if i < len(orientations) else ("test", "Ts")
+        image, label, _ = write_case(f"case_{i:03d}", orientation=orientation, seed=i)
+        image.rename(root / f"images{suffix}" / f"case_{i:03d}.nii.gz")
+        label.rename(root / f"labels{suffix}" / f"case_{i:03d}.nii.gz")
+        image_entry = f"./images{suffix}/case_{i:03d}.nii.gz"
+        entries[split].append({"image": image_entry, "label": f"./labels{suffix}/case_{i:03d}.nii.gz"}
+                              if split == "training" else image_entry)
+    (root / "dataset.json").write_text(json.dumps({"name": "Pelvis", "labels": {"0": "background"}, **entries}))
+    return root
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def msd(tmp_path, write_case) -> Path:
+    return make_msd(tmp_path / "Task01_Pelvis", write_case)

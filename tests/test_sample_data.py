@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.config import load_task, sample_data_dir
-from medseg.datasets import check_dataset, load_dataset
+from medseg.datasets import load_dataset
+from medseg.fingerprint import check_dataset
 from medseg.io import orientation_code, read_image, read_label
 from medseg.phantom import sample_case
 
