@@ -10,7 +10,7 @@ import numpy as np
 
 from medseg.io import Grid
 from medseg.overlay.render import Color, render_slice
-from medseg.overlay.views import (VIEWS, View, choose_slices, extents_box, organ_extents, slice_position, view_slice,
+from medseg.overlay.views import (VIEWS, View, choose_slices, extents_box, mask_extents, slice_position, view_slice,
                                   view_spacing)
 
 WIDTH = 1600  # px: the montage fills a laptop screen at 100 % zoom
@@ -36,7 +36,7 @@ def render_view(image: np.ndarray, prediction: np.ndarray, grid: Grid, view: Vie
     Tiles run in reading order as a radiologist scrolls: axial head to feet, coronal front to back,
     sagittal right to left. `extents`: the `organ_extents` of prediction (and reference), if known.
     """
-    extents = extents or _extents_of(prediction, reference)
+    extents = extents or mask_extents(prediction, reference)
     crop = extents_box(extents, prediction.shape, grid.spacing)
     slices = choose_slices(prediction, view.axis, reference=reference, extents=extents)
     slices = [(i, n) for i, n in slices if crop[view.axis].start <= i < crop[view.axis].stop]
@@ -116,10 +116,6 @@ def _annotate(draw, corner: tuple[int, int], tile: Tile, view: View, letter_font
         _text(draw, (x0 + 4, y0 + 8 + font.size), tile.note, font, (255, 130, 130), (0, 0))
 
 
-def _extents_of(prediction: np.ndarray, reference: np.ndarray | None) -> list[dict]:
-    return [organ_extents(prediction)] + ([organ_extents(reference)] if reference is not None else [])
-
-
 def thumbnail(image: np.ndarray, prediction: np.ndarray, grid: Grid, colors: Mapping[int, Color],
               window: tuple[float, float], reference: np.ndarray | None = None,
               extents: Sequence[dict] | None = None) -> np.ndarray:
@@ -135,7 +131,7 @@ def thumbnail(image: np.ndarray, prediction: np.ndarray, grid: Grid, colors: Map
 
     view = VIEWS[0]
     labels = [prediction] + ([reference] if reference is not None else [])
-    crop = extents_box(extents or _extents_of(prediction, reference), prediction.shape, grid.spacing)
+    crop = extents_box(extents or mask_extents(prediction, reference), prediction.shape, grid.spacing)
     inside = [a[crop] for a in labels]
     differs = inside[0] != inside[1] if reference is not None else np.zeros(inside[0].shape, bool)
     where = differs if differs.any() else np.logical_or.reduce([a > 0 for a in inside])

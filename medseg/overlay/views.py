@@ -85,6 +85,11 @@ def organ_extents(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
     return {value: box for value, box in enumerate(label_boxes(labels), start=1) if box is not None}
 
 
+def mask_extents(prediction: np.ndarray, reference: np.ndarray | None = None) -> list[dict[int, tuple[slice, ...]]]:
+    """`organ_extents` of the prediction, and of the reference where there is one."""
+    return [organ_extents(prediction)] + ([organ_extents(reference)] if reference is not None else [])
+
+
 def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
                   reference: np.ndarray | None = None,
                   extents: Sequence[dict[int, tuple[slice, ...]]] | None = None) -> list[tuple[int, int]]:
@@ -97,7 +102,7 @@ def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
     its edge. Without any organ, the slices spread evenly over the whole volume. `extents`: the
     `organ_extents` of prediction (and reference), where the caller has them already.
     """
-    boxes = extents or [organ_extents(prediction)] + ([organ_extents(reference)] if reference is not None else [])
+    boxes = extents or mask_extents(prediction, reference)
     spans = [(box[axis].start, box[axis].stop - 1) for found in boxes for box in found.values()]
     low, high = (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else (0, prediction.shape[axis] - 1)
     picks: dict[int, int] = {}

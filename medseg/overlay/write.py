@@ -12,7 +12,7 @@ from medseg.errors import InputError
 from medseg.io import Grid, atomic_path, case_name, read_image, read_label
 from medseg.metrics import dice, voxel_counts
 from medseg.overlay.montage import montage, render_view, thumbnail
-from medseg.overlay.views import VIEWS, canonical, extents_box, organ_box, organ_extents
+from medseg.overlay.views import VIEWS, canonical, extents_box, mask_extents, organ_box
 
 
 def _load(source, what: str, labels: bool) -> tuple[np.ndarray, Grid, str]:
@@ -98,7 +98,7 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
     volume_c, grid_c = canonical(volume[box], grid)
     prediction_c = np.ascontiguousarray(canonical(prediction[box], grid)[0])  # find_objects: ~6x faster
     ref_c = np.ascontiguousarray(canonical(ref[box], grid)[0]) if ref is not None else None
-    extents = [organ_extents(prediction_c)] + ([organ_extents(ref_c)] if ref_c is not None else [])
+    extents = mask_extents(prediction_c, ref_c)
     window, window_text = _window(task, volume_c[extents_box(extents[:1], prediction_c.shape, grid_c.spacing)])
     style = "prediction: solid outline + fill"
     if ref is not None:
