@@ -43,7 +43,7 @@ METRICS = (("dice", "Dice"), ("hd95_mm", "HD95 mm"), ("surface_dice", "surface D
 
 def split_cases(data: Path) -> tuple[list[str], list[str], dict]:
     """(training names, held-out names, the dataset.json) of the fixed split."""
-    from medseg.datasets import load_dataset
+    from medseg.data.datasets import load_dataset
 
     meta = json.loads((data / "dataset.json").read_text())
     names = sorted(case.name for case in load_dataset(data))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medseg.evaluate import evaluate_case
+from medseg.evaluate.cases import evaluate_case
 from medseg.io import write_text
 
 SHAPE = (512, 512, 300)

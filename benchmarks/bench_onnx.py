@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from medseg.config import load_task
-from medseg.networks import build_network, plan_network
+from medseg.model.networks import build_network, plan_network
 from medseg.runtime import autocast, keep_freed_memory, prepare_network
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx.json"

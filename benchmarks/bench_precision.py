@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from medseg.config import sample_data_dir
-from medseg.datasets import load_dataset
-from medseg.infer import Predictor, load_model
+from medseg.data.datasets import load_dataset
+from medseg.infer.predictor import Predictor, load_model
 from medseg.io import read_image, read_label
-from medseg.metrics import confusion, dice
+from medseg.evaluate.metrics import confusion, dice
 from medseg.runtime import cpu_has_native_bf16, keep_freed_memory
 
 MIN_AGREEMENT = 0.999  # fraction of voxels with the same label

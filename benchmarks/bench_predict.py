@@ -59,7 +59,7 @@ def make_scan(path: Path, slices: int, labels_path: Path | None = None, scale: f
     from scipy import ndimage
 
     from medseg.io import Grid, write_image, write_label_map
-    from medseg.phantom import make_case
+    from medseg.data.phantom import make_case
 
     image, labels, _ = make_case(3, spacing=SPACING, orientation="LPS")  # (299, 200, 42)
     period = np.r_[np.arange(image.shape[2]), np.arange(image.shape[2])[::-1]]
@@ -85,9 +85,9 @@ def make_model_folder(folder: Path) -> Path:
     import torch
 
     from medseg.config import load_task, task_to_dict
-    from medseg.networks import build_network, plan_network
-    from medseg.preprocess import ChannelIntensity, Preprocessing
-    from medseg.runfolder import save_checkpoint
+    from medseg.model.networks import build_network, plan_network
+    from medseg.data.preprocess import ChannelIntensity, Preprocessing
+    from medseg.model.folder import save_checkpoint
 
     task = load_task("prostate")
     prep = Preprocessing(task.spacing, "dataset", (ChannelIntensity(task.intensity.window, 40.0, 60.0),))
@@ -113,7 +113,7 @@ def bare_forward_seconds(network, windows: int, batch: int, roi) -> float:
     """The forward passes sliding-window inference must run: `windows` windows in batches of `batch`."""
     import torch
 
-    from medseg.infer import autocast
+    from medseg.infer.predictor import autocast
 
     device = next(network.parameters()).device
     data = torch.randn(batch, 1, *roi, device=device)
@@ -132,10 +132,10 @@ def bare_forward_seconds(network, windows: int, batch: int, roi) -> float:
 def bench_e2e(scan: Path, model: Path, out: Path, scale: float, device: str = "cpu", repeats: int = 3) -> dict:
     from dataclasses import replace
 
-    from medseg.infer import Predictor
+    from medseg.infer.predictor import Predictor
     from medseg.io import read_image
-    from medseg.predict import PredictOptions, write_outputs
-    from medseg.preprocess import to_model_grid
+    from medseg.infer.batch import PredictOptions, write_outputs
+    from medseg.data.preprocess import to_model_grid
     from medseg.runtime import keep_freed_memory
 
     keep_freed_memory()  # as `medseg predict` does at start-up
@@ -202,9 +202,9 @@ def bench_stitching(scan: Path, model: Path, repeats: int, device: str = "cpu") 
     import torchio as tio
     from monai.inferers import sliding_window_inference
 
-    from medseg.infer import Predictor
+    from medseg.infer.predictor import Predictor
     from medseg.io import read_image
-    from medseg.preprocess import preprocess
+    from medseg.data.preprocess import preprocess
 
     predictor = Predictor(model, device=device)
     network = predictor.bundle.network
@@ -314,9 +314,9 @@ def bench_crop(model: Path) -> dict:
     from dataclasses import replace
 
     from medseg.config import sample_data_dir
-    from medseg.infer import Predictor
+    from medseg.infer.predictor import Predictor
     from medseg.io import read_image, read_label
-    from medseg.metrics import confusion, dice
+    from medseg.evaluate.metrics import confusion, dice
 
     data = sample_data_dir("prostate")
     predictor = Predictor(model, device="cpu")
@@ -347,10 +347,10 @@ def bench_resample(model: Path) -> dict:
     import torch
 
     from medseg.config import sample_data_dir
-    from medseg.infer import Predictor
+    from medseg.infer.predictor import Predictor
     from medseg.io import read_image, read_label
-    from medseg.metrics import confusion, dice
-    from medseg.preprocess import preprocess
+    from medseg.evaluate.metrics import confusion, dice
+    from medseg.data.preprocess import preprocess
 
     data = sample_data_dir("prostate")
     predictor = Predictor(model, device="cpu")
@@ -361,7 +361,7 @@ def bench_resample(model: Path) -> dict:
         reference, _ = read_label(data / "labelsTs" / image_path.name)
         subject = preprocess(predictor.bundle.preprocessing, *image)
         probabilities = torch.softmax(predictor.logits(subject["image"].data), 0)
-        from medseg.resample import resample_probabilities
+        from medseg.infer.resample import resample_probabilities
 
         start = time.perf_counter()
         smooth, _ = resample_probabilities(probabilities, subject["image"].affine, image[1])

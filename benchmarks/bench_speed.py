@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from medseg.config import load_task
-from medseg.infer import sliding_window_logits
-from medseg.networks import build_network, plan_network
+from medseg.infer.stitching import sliding_window_logits
+from medseg.model.networks import build_network, plan_network
 from medseg.runtime import cpu_has_native_bf16, keep_freed_memory, prepare_network
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
@@ -322,7 +322,7 @@ def training(repeats: int) -> dict:
     """One optimisation step: the plain MONAI loop against medseg's `train_one_epoch` (one step)."""
     import torchio as tio
 
-    from medseg.train import Progress, make_loss, train_one_epoch
+    from medseg.train.steps import Progress, make_loss, train_one_epoch
 
     network, task, plan = prostate_network()
     batch = task.schedule.batch_size

@@ -47,13 +47,13 @@ def bench_steps(steps: int, warmup: int = 3) -> dict:
     import torch
 
     from medseg.config import load_task, sample_data_dir
-    from medseg.datasets import load_dataset
-    from medseg.fingerprint import compute_fingerprint
-    from medseg.networks import build_network, plan_network
-    from medseg.preprocess import resolve_preprocessing
+    from medseg.data.datasets import load_dataset
+    from medseg.data.fingerprint import compute_fingerprint
+    from medseg.model.networks import build_network, plan_network
+    from medseg.data.preprocess import resolve_preprocessing
     from medseg.runtime import keep_freed_memory, prepare_network, resolve_precision
-    from medseg.sample import load_subject, patch_batches
-    from medseg.train import make_loss, make_optimizer, train_step
+    from medseg.data.patches import load_subject, patch_batches
+    from medseg.train.steps import make_loss, make_optimizer, train_step
 
     task = load_task("prostate")
     cases = load_dataset(sample_data_dir("prostate"))

@@ -34,14 +34,14 @@ def main() -> None:
     from bench_headneck import DEFAULT_DATA, split_cases
 
     from medseg.config import load_task
-    from medseg.datasets import load_dataset
-    from medseg.fingerprint import compute_fingerprint
-    from medseg.networks import build_network, plan_network
-    from medseg.partial import CONTOURED
-    from medseg.preprocess import resolve_preprocessing
+    from medseg.data.datasets import load_dataset
+    from medseg.data.fingerprint import compute_fingerprint
+    from medseg.model.networks import build_network, plan_network
+    from medseg.data.partial import CONTOURED
+    from medseg.data.preprocess import resolve_preprocessing
     from medseg.runtime import autocast, keep_freed_memory
-    from medseg.sample import load_subject, patch_batches
-    from medseg.train import make_loss, make_optimizer, train_step
+    from medseg.data.patches import load_subject, patch_batches
+    from medseg.train.steps import make_loss, make_optimizer, train_step
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)

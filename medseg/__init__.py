@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Predictor": "medseg.predict",
+    "Predictor": "medseg.infer.predictor",
     "load_task": "medseg.config",
     "read_image": "medseg.io",
     "read_label": "medseg.io",

@@ -56,7 +56,7 @@ def sample_data(
     seed: int = typer.Option(0, "--seed", help="Random seed; the bundled set uses the default."),
 ) -> None:
     """Generate synthetic CT phantoms with labels (the bundled sample data is made this way)."""
-    from medseg.phantom import write_sample_dataset
+    from medseg.data.phantom import write_sample_dataset
 
     root = write_sample_dataset(out, task=task, n_train=cases, n_test=test_cases, seed=seed)
     typer.echo(f"wrote {cases} training and {test_cases} test cases to {root}")
@@ -78,7 +78,7 @@ def check_dataset(
     never inside the dataset.
     """
     from medseg.config import load_task
-    from medseg.fingerprint import check_dataset as run_check
+    from medseg.data.fingerprint import check_dataset as run_check
 
     report = run_check(path, load_task(task), fingerprint_path=out)
     typer.echo(report.summary())
@@ -168,7 +168,7 @@ def predict(
     """
     _start_compute(precision)
     from medseg.distributed import joined
-    from medseg.predict import PredictOptions, predict_many
+    from medseg.infer.batch import PredictOptions, predict_many
 
     options = PredictOptions(model=model, task=task, device=device, fast=fast, tta=tta, probabilities=probabilities,
                              overlays=overlays, precision=precision)
@@ -188,8 +188,8 @@ def evaluate(
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder for metrics.csv, summary.json, plots."),
 ) -> None:
     """Per-organ Dice, IoU, surface distances and volumes of predictions against references."""
-    from medseg.evaluate import run_evaluation
-    from medseg.report import format_table
+    from medseg.evaluate.run import run_evaluation
+    from medseg.evaluate.report import format_table
 
     summary = run_evaluation(pred, ref, out, task=task, labels=labels, warn=_echo)
     typer.echo(format_table(summary))
@@ -206,7 +206,7 @@ def overlay(
 ) -> None:
     """Draw axial, coronal and sagittal overlay montages (and a thumbnail) of a mask on its scan."""
     from medseg.config import load_task
-    from medseg.overlay import write_overlays
+    from medseg.review.overlays import write_overlays
 
     for path in write_overlays(image, mask, load_task(task), out, reference=ref):
         typer.echo(str(path))

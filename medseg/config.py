@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, InputError
 from medseg.schema import build
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # A colour per label id when the task gives none: distinct, readable on grey CT (Glasbey-like).
+CASE_ORGAN = "all"  # organ name of per-case rows in reports (pixel accuracy): no organ may take it
 DEFAULT_COLORS = (
     (230, 25, 75), (255, 225, 25), (245, 130, 48), (60, 180, 75), (0, 130, 200), (145, 30, 180),
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
@@ -201,13 +202,15 @@ class Task:
                 return label.id
         raise ConfigError(f"task '{self.name}' has no organ named '{name}' (organs: {', '.join(self.label_names.values())})")
 
-    def swap_pairs(self) -> dict[int, int]:
-        """Label id mapping of a left-right flip: each paired organ becomes its partner."""
-        mapping = {}
+    def mirrored_order(self) -> tuple[int, ...]:
+        """Label and channel order after a left-right flip: entry i is the partner of organ i (itself if
+        unpaired). The one left/right swap: a label map is relabelled with it as a lookup table, and
+        channels (logits, contoured masks) are reordered with it as an index."""
+        order = list(range(self.num_classes))
         for left, right in self.pairs:
             a, b = self.label_id(left), self.label_id(right)
-            mapping[a], mapping[b] = b, a
-        return mapping
+            order[a], order[b] = b, a
+        return tuple(order)
 
 
 # --------------------------------------------------------------------------------------- parsing
@@ -346,3 +349,37 @@ def load_task(name_or_path: str | Path) -> Task:
     if not path.is_file():
         raise ConfigError(f"task file not found: {path}")
     return parse_task(read_mapping(path), str(path))
+
+
+def read_labels_file(path: str | Path) -> dict[int, str]:
+    """Organ names from a JSON/YAML file: `{"1": "prostate"}`, nnU-Net's `{"prostate": 1}`, or a
+    dataset.json holding either under "labels". Label 0 (background) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: labels file not found")
+    raw = read_mapping(path)
+    if isinstance(raw, dict) and isinstance(raw.get("labels"), dict):
+        raw = raw["labels"]
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(f"{path}: expected a mapping of label id to organ name, "
+                         "e.g. {\"1\": \"prostate\"}")
+    organs: dict[int, str] = {}
+    for key, value in raw.items():
+        if isinstance(value, str) and str(key).strip().isdigit():
+            label, name = int(key), value
+        elif isinstance(value, int) and not isinstance(value, bool) and not str(key).strip().isdigit():
+            label, name = value, key
+        else:
+            raise InputError(f"{path}: key '{key}' must map a label id to an organ name "
+                             f"(or an organ name to a label id), got {value!r}")
+        if label == 0:
+            continue
+        if not 1 <= label <= 255:
+            raise InputError(f"{path}: key '{key}': label id {label} is outside 1..255")
+        if label in organs or name in organs.values() or name == CASE_ORGAN:
+            raise InputError(f"{path}: key '{key}': label {label} or organ name '{name}' "
+                             "is repeated or reserved")
+        organs[label] = name
+    if not organs:
+        raise InputError(f"{path}: names no organ (only background)")
+    return dict(sorted(organs.items()))

@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 
 from medseg.errors import InputError
-from medseg.infer import resolve_device
+from medseg.runtime import resolve_device
 
 T = TypeVar("T")
 

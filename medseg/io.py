@@ -82,6 +82,22 @@ class Grid:
                 and np.allclose(self.origin, other.origin, atol=tolerance * 10 * scale)
                 and np.allclose(self.direction, other.direction, atol=tolerance))
 
+    def difference(self, other: Grid) -> str:
+        """What differs from `other`, in words (empty if the grids match)."""
+        if self.matches(other):
+            return ""
+        parts = []
+        if self.shape != other.shape:
+            parts.append(f"shape {'x'.join(map(str, self.shape))} vs {'x'.join(map(str, other.shape))}")
+        fmt = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
+        if not np.allclose(self.spacing, other.spacing, rtol=1e-4, atol=1e-5):
+            parts.append(f"spacing {fmt(self.spacing)} vs {fmt(other.spacing)} mm")
+        if not np.allclose(self.origin, other.origin, atol=1e-3 * max(min(self.spacing), 1e-6)):
+            parts.append(f"origin {fmt(self.origin)} vs {fmt(other.origin)} mm")
+        if not np.allclose(self.direction, other.direction, atol=1e-4):
+            parts.append(f"direction {fmt(self.direction)} vs {fmt(other.direction)}")
+        return "; ".join(parts) or "grids differ beyond tolerance"
+
     def describe(self) -> str:
         spacing = "x".join(f"{s:.3g}" for s in self.spacing)
         return f"{'x'.join(map(str, self.shape))} voxels at {spacing} mm, orientation {orientation_code(self)}"

@@ -77,6 +77,18 @@ def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """`--device` as a torch device: auto takes the GPU where there is one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' requested but no CUDA GPU is available (use --device cpu)")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device '{device}' (expected auto, cpu, cuda or cuda:N)") from None
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto', 'bf16' or 'fp32' -> 'bf16' or 'fp32' for `device`.
 

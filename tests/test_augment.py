@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchio as tio
 
-from medseg.augment import build_augmentation, flip_left_right
+from medseg.data.augment import build_augmentation, flip_left_right
 from medseg.config import Augmentation, FlipAug, load_task
-from medseg.preprocess import ChannelIntensity, Preprocessing, preprocess
+from medseg.data.preprocess import ChannelIntensity, Preprocessing, preprocess
 
 from conftest import blob_case, make_grid
 
@@ -39,7 +39,7 @@ def test_left_head_is_on_the_patients_left(ras_subject):
 
 def test_flip_swaps_paired_labels_and_keeps_left_on_the_left(ras_subject):
     task = load_task("prostate")
-    flipped = flip_left_right(task.swap_pairs())(ras_subject)
+    flipped = flip_left_right(task.mirrored_order())(ras_subject)
     assert world_centroid(flipped, LEFT)[0] < world_centroid(flipped, RIGHT)[0]
     # the image really was mirrored: the voxels now called left held the right head's intensities
     before = ras_subject["label"].data[0].numpy()
@@ -49,7 +49,7 @@ def test_flip_swaps_paired_labels_and_keeps_left_on_the_left(ras_subject):
 
 
 def test_flip_twice_is_identity(ras_subject):
-    swap = load_task("prostate").swap_pairs()
+    swap = load_task("prostate").mirrored_order()
     twice = flip_left_right(swap)(flip_left_right(swap)(ras_subject))
     assert torch.equal(twice["label"].data, ras_subject["label"].data)
     assert torch.equal(twice["image"].data, ras_subject["image"].data)

@@ -26,17 +26,17 @@ def test_prostate_loads_by_name():
     assert task.name == "prostate" and task.modality == "CT" and task.channels == ("CT",)
     assert task.label_names == {1: "prostate", 2: "bladder", 3: "rectum", 4: "femoral_head_left",
                                 5: "femoral_head_right"}
-    assert task.swap_pairs() == {4: 5, 5: 4}
+    assert task.mirrored_order() == (0, 1, 2, 3, 5, 4)
     assert task.num_classes == 6
 
 
 def test_headneck_loads_and_its_patch_fits_its_network():
-    from medseg.networks import plan_network
+    from medseg.model.networks import plan_network
 
     task = load_task("headneck")
     assert task.label_names == {1: "brainstem", 2: "spinal_cord", 3: "right_parotid", 4: "left_parotid",
                                 5: "esophagus", 6: "larynx", 7: "mandible"}
-    assert task.swap_pairs() == {4: 3, 3: 4}
+    assert task.mirrored_order()[3:5] == (4, 3)
     plan = plan_network(task.network, 1, task.num_classes, task.patch_size, task.spacing)
     assert all(p % d == 0 for p, d in zip(task.patch_size, plan.divisor))
 

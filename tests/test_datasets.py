@@ -10,8 +10,8 @@ import pytest
 
 from conftest import edit_json, make_msd
 from medseg.config import load_task
-from medseg.datasets import Case, load_dataset
-from medseg.fingerprint import check_dataset
+from medseg.data.datasets import Case, load_dataset
+from medseg.data.fingerprint import check_dataset
 from medseg.errors import InputError
 
 PROSTATE = load_task("prostate")

@@ -13,7 +13,9 @@ from conftest import blob_case, make_grid
 
 from medseg.cli import main
 from medseg.errors import InputError
-from medseg.evaluate import CASE_ORGAN, ORGAN_METRICS, evaluate_pairs, match_cases, read_labels_file
+from medseg.config import CASE_ORGAN, read_labels_file
+from medseg.evaluate.cases import ORGAN_METRICS, evaluate_pairs
+from medseg.evaluate.matching import match_cases
 from medseg.io import write_label_map
 
 PROSTATE_ORGANS = ["prostate", "bladder", "rectum", "femoral_head_left", "femoral_head_right"]

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import edit_json, make_grid, make_msd
 from medseg.config import load_task
-from medseg.datasets import Case, load_dataset
+from medseg.data.datasets import Case, load_dataset
 from medseg.errors import InputError
-from medseg.fingerprint import check_dataset, compute_fingerprint, default_fingerprint_path
+from medseg.data.fingerprint import check_dataset, compute_fingerprint, default_fingerprint_path
 from medseg.io import read_image, read_label, write_label_map
 
 PROSTATE = load_task("prostate")

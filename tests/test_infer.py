@@ -9,11 +9,12 @@ import torch
 import torchio as tio
 
 from medseg.config import load_task
-from medseg.infer import ModelBundle, Predictor, sliding_window_logits, window_starts
-from medseg.resample import resample_probabilities
+from medseg.infer.predictor import ModelBundle, Predictor
+from medseg.infer.stitching import sliding_window_logits, window_starts
+from medseg.infer.resample import resample_probabilities
 from medseg.io import write_label_map
-from medseg.networks import NetworkPlan
-from medseg.preprocess import ChannelIntensity, Preprocessing
+from medseg.model.networks import NetworkPlan
+from medseg.data.preprocess import ChannelIntensity, Preprocessing
 
 from conftest import blob_case, make_grid
 
@@ -165,7 +166,7 @@ def test_volumes_in_millilitres():
     grid = make_grid("LPS", shape=(10, 10, 10), spacing=(1.0, 2.0, 3.0))
     labels = np.zeros(grid.shape, np.uint8)
     labels[:5, :5, :4] = 2
-    from medseg.infer import Segmentation
+    from medseg.infer.predictor import Segmentation
 
     volumes = Segmentation(labels, grid, {1: "prostate", 2: "bladder"}).volumes()
     assert volumes["bladder"] == {"volume_ml": pytest.approx(100 * 6 / 1000), "voxels": 100}
@@ -175,7 +176,7 @@ def test_volumes_in_millilitres():
 @pytest.mark.parametrize("orientation", ["LPS", "RAS", "PLI", "oblique"])
 def test_separable_way_back_equals_trilinear_grid_sample(orientation):
     """The fast path (three 1D passes) computes grid_sample's trilinear interpolation exactly."""
-    from medseg.resample import _axis_aligned, _general_slabs
+    from medseg.infer.resample import _axis_aligned, _general_slabs
 
     grid = make_grid(orientation, shape=(61, 47, 23), spacing=(0.9, 1.1, 2.5))
     model = tio.Resample((1.5, 1.5, 3.0))(tio.ToCanonical()(tio.ScalarImage(tensor=torch.zeros(1, *grid.shape),
@@ -191,7 +192,7 @@ def test_separable_way_back_equals_trilinear_grid_sample(orientation):
 
 
 def test_rotated_model_grid_takes_the_general_path():
-    from medseg.resample import _axis_aligned
+    from medseg.infer.resample import _axis_aligned
 
     grid = make_grid("LPS", shape=(20, 18, 9))
     rotated = make_grid("oblique", shape=(20, 18, 9))
@@ -201,7 +202,7 @@ def test_rotated_model_grid_takes_the_general_path():
 
 
 def test_body_box_is_the_dense_block_plus_margin():
-    from medseg.infer import body_box
+    from medseg.geometry import body_box
 
     hu = torch.full((60, 50, 40), -1000.0)
     hu[10:30, 5:45, 12:20] = 40.0  # the body
@@ -210,7 +211,7 @@ def test_body_box_is_the_dense_block_plus_margin():
 
 
 def test_body_box_grows_to_a_window_and_stays_inside():
-    from medseg.infer import body_box
+    from medseg.geometry import body_box
 
     hu = torch.full((60, 50, 40), -1000.0)
     hu[0:4, 20:26, 36:40] = 40.0
@@ -222,8 +223,8 @@ def test_body_box_grows_to_a_window_and_stays_inside():
 @pytest.mark.parametrize("orientation", ["LPS", "RAS", "PLI", "oblique"])
 def test_cropped_way_back_equals_the_whole_volume(orientation):
     """Probabilities on a box (background outside) go back exactly as the whole volume's would."""
-    from medseg.resample import resample_box
-    from medseg.preprocess import model_grid
+    from medseg.infer.resample import resample_box
+    from medseg.data.preprocess import model_grid
 
     grid = make_grid(orientation, shape=(61, 47, 23), spacing=(0.9, 1.1, 2.5))
     model = model_grid((1.5, 1.5, 3.0), grid)
@@ -273,8 +274,8 @@ class BrightIsBladder(torch.nn.Module):
 @pytest.mark.parametrize("orientation", ["LPS", "PLI", "oblique"])
 def test_way_back_inside_the_organ_box_gives_the_same_labels(orientation):
     """Labels interpolated only around voxels an organ can win equal the whole volume's, exactly."""
-    from medseg.resample import organ_box, resample_box
-    from medseg.preprocess import model_grid
+    from medseg.infer.resample import contested_box, resample_box
+    from medseg.data.preprocess import model_grid
 
     grid = make_grid(orientation, shape=(61, 47, 23), spacing=(0.9, 1.1, 2.5))
     model = model_grid((1.5, 1.5, 3.0), grid)
@@ -283,7 +284,7 @@ def test_way_back_inside_the_organ_box_gives_the_same_labels(orientation):
     logits[2, 10:18, 6:14, 3:8] += 8.0  # ... but a bladder, with a soft edge
     logits[3, 12:16, 0:4, 0:3] += 8.0  # and a rectum at the edge of the volume
     probabilities = torch.softmax(logits, 0)
-    box = organ_box(probabilities)
+    box = contested_box(probabilities)
     assert box[1].start == box[2].start == 0 and box[0].start > 0
     assert all(b.stop - b.start < n for b, n in zip(box, model.shape))  # a real saving
     expected, _ = resample_probabilities(probabilities, model.ras_affine, grid)

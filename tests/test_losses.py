@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-from medseg.losses import PartialDeepSupervisionLoss, PartialDiceCELoss
+from medseg.model.losses import PartialDeepSupervisionLoss, PartialDiceCELoss
 
 CLASSES = 4  # background + organs 1, 2, 3
 SHAPE = (10, 9, 8)

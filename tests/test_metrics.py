@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg import metrics
-from medseg.evaluate import CASE_ORGAN, evaluate_case
-from medseg.report import summarize
+from medseg.evaluate import metrics
+from medseg.config import CASE_ORGAN
+from medseg.evaluate.cases import evaluate_case
+from medseg.evaluate.report import summarize
 
 SPACING = (0.8, 1.1, 2.5)  # mm, anisotropic on purpose
 SHAPE = (48, 40, 24)
@@ -297,7 +298,7 @@ def test_pixel_accuracy_of_empty_maps_is_one():
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16])
 def test_voxel_counts_equal_numpy_bincount(dtype):
-    from medseg.metrics import voxel_counts
+    from medseg.geometry import voxel_counts
 
     labels = np.asfortranarray(np.random.default_rng(3).integers(0, 6, size=(17, 13, 9)).astype(dtype))
     counts = voxel_counts(labels, minlength=8)
@@ -307,7 +308,7 @@ def test_voxel_counts_equal_numpy_bincount(dtype):
 def test_label_boxes_are_find_objects_in_either_memory_order():
     from scipy import ndimage
 
-    from medseg.metrics import label_boxes
+    from medseg.geometry import label_boxes
 
     labels = np.zeros((20, 15, 9), np.uint8)
     labels[2:5, 3:12, 1:4] = 1
@@ -324,7 +325,7 @@ def test_label_boxes_of_a_large_mask_match_find_objects(order):
     """Over a million voxels the organs' block is cut out first; the boxes must not move."""
     from scipy import ndimage
 
-    from medseg.metrics import label_boxes
+    from medseg.geometry import label_boxes
 
     labels = np.zeros((130, 120, 100), np.uint8, order=order)
     labels[60:90, 1:40, 50:99] = 2
@@ -339,7 +340,7 @@ def test_label_boxes_of_a_large_mask_match_find_objects(order):
 
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_nonzero_box_bounds_every_label(order):
-    from medseg.metrics import nonzero_box
+    from medseg.geometry import nonzero_box
 
     labels = np.zeros((30, 20, 10), np.uint8, order=order)
     assert nonzero_box(labels) is None

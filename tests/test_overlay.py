@@ -13,8 +13,10 @@ from conftest import blob_case, make_grid
 from medseg.config import load_task
 from medseg.errors import InputError
 from medseg.io import Grid, from_array, to_array
-from medseg.overlay import (THUMB_SIZE, VIEWS, canonical, choose_slices, legend_entries, render_slice, render_view,
-                            thumbnail, view_slice, view_spacing, write_overlays)
+from medseg.review.montage import THUMB_SIZE, render_view, thumbnail
+from medseg.review.views import VIEWS, canonical, choose_slices, view_slice, view_spacing
+from medseg.review.overlays import legend_entries, write_overlays
+from medseg.review.render import render_slice
 
 RED, GREEN = (230, 25, 75), (60, 180, 75)
 AXIAL, CORONAL, SAGITTAL = VIEWS
@@ -280,7 +282,7 @@ def test_cli_overlay_command(write_case, tmp_path):
 
 
 def test_importing_overlay_does_not_import_plotting_libraries():
-    code = "import sys, medseg.overlay; print(any(m.split('.')[0] in ('PIL', 'matplotlib') for m in sys.modules))"
+    code = "import sys, medseg.review.overlays; print(any(m.split('.')[0] in ('PIL', 'matplotlib') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
@@ -290,7 +292,7 @@ def test_organ_window_holds_everything_drawn_for_the_organ(out_shape):
     the outline 2 px beyond it lie inside the window, and the window's values are the whole's, cut."""
     from scipy import ndimage
 
-    from medseg.overlay.render import _organ_window, _resize
+    from medseg.review.render import _organ_window, _resize
 
     rng = np.random.default_rng(3)
     for _ in range(20):

@@ -9,10 +9,10 @@ import torch
 import torchio as tio
 import yaml
 
-from medseg.augment import flip_left_right
+from medseg.data.augment import flip_left_right
 from medseg.config import Augmentation, FlipAug, Sampling, parse_task
-from medseg.partial import CONTOURED, case_weights, contoured_mask, uncontoured_organs
-from medseg.sample import patch_batches
+from medseg.data.partial import CONTOURED, case_weights, contoured_mask, uncontoured_organs
+from medseg.data.patches import patch_batches
 
 from conftest import TINY_TASK
 
@@ -42,7 +42,7 @@ def subject(contoured: list[str], name: str = "case") -> tio.Subject:
 
 
 def test_left_right_flip_swaps_the_mask_with_the_labels():
-    flipped = flip_left_right(TASK.swap_pairs())(subject(["bladder", "femoral_head_left"]))
+    flipped = flip_left_right(TASK.mirrored_order())(subject(["bladder", "femoral_head_left"]))
     assert (flipped["label"].data == 5).any() and not (flipped["label"].data == 4).any()
     assert flipped[CONTOURED].tolist() == [True, False, True, False, False, True]
 

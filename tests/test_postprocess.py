@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.postprocess import keep_largest_component
+from medseg.infer.postprocess import keep_largest_component
 
 
 def mask(order: str) -> np.ndarray:

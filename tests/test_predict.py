@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from medseg.cli import main
 from medseg.io import read_image, write_image
-from medseg.predict import find_model
+from medseg.infer.batch import find_model
 
 from conftest import blob_case, make_grid
 from test_io import write_dicom_series
@@ -119,9 +119,9 @@ def test_overlays_cut_to_the_organs_are_the_same_pictures(orientation, tmp_path)
     import yaml
 
     from medseg.config import parse_task
-    from medseg.infer import Segmentation
-    from medseg.overlay import write_overlays
-    from medseg.predict import around_organs
+    from medseg.infer.predictor import Segmentation
+    from medseg.review.overlays import write_overlays
+    from medseg.infer.batch import around_organs
 
     from conftest import TINY_TASK
 

@@ -8,8 +8,7 @@ import SimpleITK as sitk
 import torchio as tio
 
 from medseg.io import from_array
-from medseg.preprocess import (ChannelIntensity, Preprocessing, model_grid, normalize_, preprocess, to_model_grid,
-                               to_subject)
+from medseg.data.preprocess import (ChannelIntensity, Preprocessing, model_grid, normalize_, preprocess, to_model_grid, to_subject)
 
 from conftest import make_grid
 

@@ -9,8 +9,8 @@ import torch
 
 from medseg import runtime
 from medseg.errors import InputError
-from medseg.infer import sliding_window_logits
-from medseg.networks import NetworkPlan, build_network
+from medseg.infer.stitching import sliding_window_logits
+from medseg.model.networks import NetworkPlan, build_network
 from medseg.runtime import (autocast, cpu_has_native_bf16, group_norm_for_instance_norm, keep_freed_memory,
                             prepare_network, resolve_precision)
 

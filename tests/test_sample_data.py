@@ -9,10 +9,10 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.config import load_task, sample_data_dir
-from medseg.datasets import load_dataset
-from medseg.fingerprint import check_dataset
+from medseg.data.datasets import load_dataset
+from medseg.data.fingerprint import check_dataset
 from medseg.io import orientation_code, read_image, read_label
-from medseg.phantom import sample_case
+from medseg.data.phantom import sample_case
 
 BUNDLED = sample_data_dir("prostate")
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from medseg.config import load_task
-from medseg.sample import make_split
-from medseg.train import learning_rate
+from medseg.data.patches import make_split
+from medseg.train.steps import learning_rate
 
 
 def read_metrics(folder: Path) -> list[dict]:

@@ -12,7 +12,7 @@ from conftest import blob_case, make_grid
 
 from medseg.config import load_task
 from medseg.io import Grid, to_array
-from medseg.viewers import itksnap_label_text, write_viewer_files
+from medseg.review.viewers import itksnap_label_text, write_viewer_files
 
 
 @pytest.fixture(scope="module")

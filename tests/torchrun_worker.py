@@ -38,19 +38,19 @@ def record_writes(written: set[str]):
 
 
 def main() -> int:
-    import medseg.train
+    import medseg.train.run
     from medseg.cli import main as medseg_main
 
     record_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     written: set[str] = set()
     networks = []
-    build_network = medseg.train.build_network
+    build_network = medseg.train.run.build_network
 
     def keep_network(plan):
         networks.append(build_network(plan))
         return networks[-1]
 
-    medseg.train.build_network = keep_network
+    medseg.train.run.build_network = keep_network
     sys.addaudithook(record_writes(written))
     code = medseg_main(argv)
     record = {"exit": code, "written": sorted(written),

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from medseg.config import DEFAULT_COLORS, Label
 from medseg.io import Grid, from_array, write_sitk, write_text
-from medseg.metrics import label_boxes, voxel_counts
+from medseg.geometry import label_boxes, voxel_counts
 
 ITKSNAP_HEADER = """\
 ################################################

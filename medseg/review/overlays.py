@@ -10,9 +10,10 @@ import numpy as np
 from medseg.config import DEFAULT_COLORS, Task
 from medseg.errors import InputError
 from medseg.io import Grid, atomic_path, case_name, read_image, read_label
-from medseg.metrics import dice, voxel_counts
-from medseg.overlay.montage import montage, render_view, thumbnail
-from medseg.overlay.views import VIEWS, canonical, extents_box, mask_extents, organ_box
+from medseg.evaluate.metrics import dice
+from medseg.geometry import voxel_counts
+from medseg.review.montage import montage, render_view, thumbnail
+from medseg.review.views import VIEWS, canonical, mask_extents, shown_box
 
 
 def _load(source, what: str, labels: bool) -> tuple[np.ndarray, Grid, str]:
@@ -93,13 +94,13 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
     colors, legend, mean_dice = legend_entries(task, prediction, ref, grid.voxel_volume_ml)
     # Every picture shows the organs' box only: cut it out once, so that choosing slices and drawing
     # them touch a few organs' worth of voxels, not a whole 512 x 512 CT, over and over.
-    box = organ_box([prediction] + ([ref] if ref is not None else []), grid.spacing)
+    box = shown_box(mask_extents(prediction, ref), prediction.shape, grid.spacing)
     grid = grid.crop(box)
     volume_c, grid_c = canonical(volume[box], grid)
     prediction_c = np.ascontiguousarray(canonical(prediction[box], grid)[0])  # find_objects: ~6x faster
     ref_c = np.ascontiguousarray(canonical(ref[box], grid)[0]) if ref is not None else None
     extents = mask_extents(prediction_c, ref_c)
-    window, window_text = _window(task, volume_c[extents_box(extents[:1], prediction_c.shape, grid_c.spacing)])
+    window, window_text = _window(task, volume_c[shown_box(extents[:1], prediction_c.shape, grid_c.spacing)])
     style = "prediction: solid outline + fill"
     if ref is not None:
         style += f"   reference: dashed outline   mean Dice {mean_dice:.3f}"

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from medseg.metrics import label_boxes
+from medseg.geometry import label_boxes
 
 
 def keep_largest_component(labels: np.ndarray, label_ids: Iterable[int], in_place: bool = False) -> np.ndarray:

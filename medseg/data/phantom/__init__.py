@@ -22,8 +22,7 @@ from scipy.ndimage import gaussian_filter
 
 from medseg.errors import InputError
 from medseg.io import Grid, write_image, write_label_map, write_text
-from medseg.phantom.shapes import (Arch, Capsule, Ellipsoid, HalfSpace, Intersect, Layer, Offset, Shape,
-                                   Subtract, Tube)
+from medseg.data.phantom.shapes import (Arch, Capsule, Ellipsoid, HalfSpace, Intersect, Layer, Offset, Shape, Subtract, Tube)
 
 LABELS = {1: "prostate", 2: "bladder", 3: "rectum", 4: "femoral_head_left", 5: "femoral_head_right"}
 ORIENTATIONS = ("RAS", "LPS", "PLI", "LIP")  # voxel axis orders; the sample dataset cycles through them

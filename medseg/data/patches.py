@@ -16,14 +16,14 @@ import numpy as np
 import torch
 import torchio as tio
 
-from medseg.augment import build_augmentation
+from medseg.data.augment import build_augmentation
 from medseg.config import Task
-from medseg.datasets import Case
+from medseg.data.datasets import Case
 from medseg.errors import InputError
 from medseg.io import read_image, read_label
-from medseg.partial import CONTOURED, case_weights, contoured_mask, set_contoured
-from medseg.preprocess import Preprocessing, pad_to, preprocess
-from medseg.runfolder import load_checkpoint, save_checkpoint
+from medseg.data.partial import CONTOURED, case_weights, contoured_mask, set_contoured
+from medseg.data.preprocess import Preprocessing, pad_to, preprocess
+from medseg.model.folder import load_checkpoint, save_checkpoint
 
 
 def make_split(names: list[str], folds: int, fold: int, seed: int) -> dict[str, list[str]]:

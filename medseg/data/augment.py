@@ -7,35 +7,38 @@ right, so paired labels are swapped with the flip, keeping "left" on the patient
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torchio as tio
 
 from medseg.config import Task
-from medseg.partial import CONTOURED, set_contoured, swap_channels
+from medseg.data.partial import CONTOURED, set_contoured
 
 
 class SwapLabels(tio.transforms.Transform):
-    """Relabel a label map with `mapping` (e.g. left <-> right); images are untouched.
+    """Relabel a label map with `order` (`Task.mirrored_order`: left <-> right); images are untouched.
 
-    A subject's contoured-organ mask is relabelled with it: a case that drew only the left parotid has,
+    A subject's contoured-organ mask is reordered with it: a case that drew only the left parotid has,
     once flipped, drawn only the right one.
     """
 
-    def __init__(self, mapping: dict[int, int], **kwargs):
+    def __init__(self, order: Sequence[int], **kwargs):
         super().__init__(**kwargs)
-        self.mapping = dict(mapping)
-        self.args_names = ["mapping"]
+        self.order = tuple(order)
+        self.args_names = ["order"]
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        if self.order == tuple(range(len(self.order))):
+            return subject
         for image in subject.get_images(intensity_only=False):
-            if isinstance(image, tio.LabelMap) and self.mapping:
-                data = image.data
-                swapped = data.clone()
-                for source, target in self.mapping.items():
-                    swapped[data == source] = target
-                image.set_data(swapped)
-        if CONTOURED in subject and self.mapping:
-            set_contoured(subject, swap_channels(subject[CONTOURED], self.mapping))
+            if isinstance(image, tio.LabelMap):
+                # values beyond the organs (an ignore label) keep their value
+                table = torch.arange(max(len(self.order), int(image.data.max()) + 1))
+                table[:len(self.order)] = torch.as_tensor(self.order)
+                image.set_data(table[image.data.long()].to(image.data.dtype))
+        if CONTOURED in subject:
+            set_contoured(subject, subject[CONTOURED][..., list(self.order)])
         return subject
 
 
@@ -55,9 +58,12 @@ class RandomContrast(tio.transforms.augmentation.RandomTransform, tio.transforms
         return subject
 
 
-def flip_left_right(swap: dict[int, int]) -> tio.Transform:
-    """Deterministic left-right flip of a RAS subject that keeps paired organs on their own side."""
-    return tio.Compose([tio.Flip(axes=(0,)), SwapLabels(swap)])
+def flip_left_right(order: Sequence[int], p: float = 1.0) -> tio.Transform:
+    """Left-right flip of a RAS subject that keeps paired organs on their own side (`Task.mirrored_order`).
+
+    The flip and the label swap happen together, so they share one probability `p`.
+    """
+    return tio.Compose([tio.Flip(axes=(0,)), SwapLabels(order)], p=p)
 
 
 def build_augmentation(task: Task) -> tio.Transform | None:
@@ -72,8 +78,7 @@ def build_augmentation(task: Task) -> tio.Transform | None:
                                                   max_displacement=aug.elastic.max_displacement, p=aug.elastic.p))
     if aug.flip:
         if "LR" in aug.flip.axes:
-            # The flip and the label swap must happen together, so they share one probability.
-            steps.append(tio.Compose([tio.Flip(axes=(0,)), SwapLabels(task.swap_pairs())], p=aug.flip.p))
+            steps.append(flip_left_right(task.mirrored_order(), p=aug.flip.p))
         other = tuple({"AP": 1, "SI": 2}[a] for a in aug.flip.axes if a != "LR")
         if other:
             steps.append(tio.RandomFlip(axes=other, flip_probability=aug.flip.p))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medseg.geometry import grow, nonzero_box
 from medseg.io import Grid
 
 
@@ -112,7 +113,7 @@ def _general_slabs(probabilities: torch.Tensor, mapping: np.ndarray, shape):
     return slab
 
 
-def organ_box(probabilities: torch.Tensor) -> tuple[slice, slice, slice]:
+def contested_box(probabilities: torch.Tensor) -> tuple[slice, slice, slice]:
     """The box outside which trilinear interpolation cannot give anything but background.
 
     Interpolated values are convex combinations of 8 neighbours: where all 8 are background with
@@ -123,15 +124,9 @@ def organ_box(probabilities: torch.Tensor) -> tuple[slice, slice, slice]:
     Args:
         probabilities: (K, X, Y, Z) softmax, class 0 background.
     """
-    contested = probabilities[0] <= 0.5
-    box = []
-    for axis, size in enumerate(contested.shape):
-        others = tuple(a for a in range(3) if a != axis)
-        hit = torch.nonzero(contested.any(dim=others[1]).any(dim=others[0])).flatten()
-        if len(hit) == 0:
-            return (slice(0, 1),) * 3
-        box.append(slice(max(0, int(hit[0]) - 1), min(size, int(hit[-1]) + 2)))
-    return tuple(box)
+    contested = (probabilities[0] <= 0.5).numpy()
+    box = nonzero_box(contested)
+    return (slice(0, 1),) * 3 if box is None else grow(box, contested.shape, 1)
 
 
 def resample_box(probabilities: torch.Tensor, box: tuple[slice, slice, slice], model: Grid, target: Grid,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.config import CASE_ORGAN
 from medseg.io import atomic_path, write_text
 
-CASE_ORGAN = "all"  # organ name of per-case rows (pixel accuracy)
 CSV_COLUMNS = ("case", "organ", "metric", "value")
 
 Row = dict  # {"case": str, "organ": str, "metric": str, "value": float}

@@ -57,14 +57,6 @@ def set_contoured(subject: tio.Subject, mask: torch.Tensor) -> tio.Subject:
     return subject
 
 
-def swap_channels(mask: torch.Tensor, mapping: Mapping[int, int]) -> torch.Tensor:
-    """The mask after relabelling with `mapping` (a left-right flip: what was left is now right)."""
-    swapped = mask.clone()
-    for source, target in mapping.items():
-        swapped[..., target] = mask[..., source]
-    return swapped
-
-
 def uncontoured_organs(contoured: Sequence[str] | None, organs: Mapping[int, str]) -> set[str]:
     """Organ names a case did not contour (empty for a fully labelled case)."""
     if contoured is None:

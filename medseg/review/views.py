@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medseg.io import Grid
-from medseg.metrics import label_boxes
+from medseg.geometry import Box, grow_mm, organ_boxes, union
 
 TILES = 8  # slices per view
 DISAGREEMENT_TILES = 2  # of TILES, with a reference: the slices where reference and prediction differ most
@@ -77,17 +77,16 @@ def slice_position(grid: Grid, axis: int, index: int) -> str:
     return f"{letter} {abs(value):.1f} mm"
 
 
-def organ_extents(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
-    """Each organ's bounding box in a label map, {label value: box}; absent organs are left out.
-
-    One pass over the mask: the overlays find them once and hand them to every view.
-    """
-    return {value: box for value, box in enumerate(label_boxes(labels), start=1) if box is not None}
+def mask_extents(prediction: np.ndarray, reference: np.ndarray | None = None) -> list[dict[int, Box]]:
+    """Each organ's box in the prediction, and in the reference where there is one: found once, and
+    handed to every view, the thumbnail and the crop."""
+    return [organ_boxes(prediction)] + ([organ_boxes(reference)] if reference is not None else [])
 
 
-def mask_extents(prediction: np.ndarray, reference: np.ndarray | None = None) -> list[dict[int, tuple[slice, ...]]]:
-    """`organ_extents` of the prediction, and of the reference where there is one."""
-    return [organ_extents(prediction)] + ([organ_extents(reference)] if reference is not None else [])
+def shown_box(extents: Sequence[dict[int, Box]], shape: Sequence[int], spacing: Sequence[float]) -> Box:
+    """What the overlays show: every organ's box together, grown by MARGIN_MM; the whole volume if no organ."""
+    together = union(box for found in extents for box in found.values())
+    return tuple(slice(0, n) for n in shape) if together is None else grow_mm(together, spacing, shape, MARGIN_MM)
 
 
 def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
@@ -100,7 +99,7 @@ def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
     spread over the slices that hold an organ, denser where more organs meet; an organ whose central
     half no slice crosses gets one through its centre, so that no organ is shown only by a sliver at
     its edge. Without any organ, the slices spread evenly over the whole volume. `extents`: the
-    `organ_extents` of prediction (and reference), where the caller has them already.
+    `mask_extents` of prediction (and reference), where the caller has them already.
     """
     boxes = extents or mask_extents(prediction, reference)
     spans = [(box[axis].start, box[axis].stop - 1) for found in boxes for box in found.values()]
@@ -152,22 +151,3 @@ def choose_slices(prediction: np.ndarray, axis: int, count: int = TILES,
     return sorted(chosen.items())
 
 
-def organ_box(labels: Sequence[np.ndarray], spacing: Sequence[float]) -> tuple[slice, ...]:
-    """The organs' bounding box grown by MARGIN_MM, clipped to the volume; the whole volume if no organ."""
-    return extents_box([organ_extents(array) for array in labels], np.shape(labels[0]), spacing)
-
-
-def extents_box(extents: Sequence[dict[int, tuple[slice, ...]]], shape: Sequence[int],
-                spacing: Sequence[float]) -> tuple[slice, ...]:
-    """`organ_box` from the `organ_extents` of the label maps."""
-    boxes = [box for found in extents for box in found.values()]
-    if not boxes:
-        return tuple(slice(0, n) for n in shape)
-    union = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(len(shape)))
-    return with_margin(union, spacing, shape)
-
-
-def with_margin(box: Sequence[slice], spacing: Sequence[float], shape: Sequence[int]) -> tuple[slice, ...]:
-    """`box` grown by MARGIN_MM on every side, clipped to a volume of `shape`."""
-    margin = [math.ceil(MARGIN_MM / s) for s in spacing]
-    return tuple(slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box, margin, shape))

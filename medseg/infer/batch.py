@@ -20,7 +20,8 @@ import numpy as np
 
 from medseg.distributed import World
 from medseg.errors import InputError
-from medseg.infer import Predictor, Segmentation, resolve_device
+from medseg.infer.predictor import Predictor, Segmentation
+from medseg.runtime import resolve_device
 from medseg.io import (case_name, from_array, is_image_path, read_image, read_label, write_image, write_sitk,
                        write_text)
 
@@ -72,7 +73,7 @@ def match_references(references: Sequence[Path]) -> dict[str, Path]:
 
 def _write_masks(seg: Segmentation, task, out: Path, case: str) -> float:
     """The mask, probability maps and viewer files; returns the seconds it took."""
-    from medseg.viewers import write_viewer_files
+    from medseg.review.viewers import write_viewer_files
 
     start = time.perf_counter()
     mask = from_array(seg.labels, seg.grid)  # one SimpleITK copy of the mask, for the NIfTI and the NRRD
@@ -110,8 +111,8 @@ def _evaluate_and_draw(seg: Segmentation, organs: dict, image, case: str, out: P
     row = {"case": case, "volumes_ml": {k: v["volume_ml"] for k, v in organs.items()}, "overlays": []}
     ref_labels = None
     if reference is not None:
-        from medseg.evaluate import evaluate_case
-        from medseg.report import write_report
+        from medseg.evaluate.cases import evaluate_case
+        from medseg.evaluate.report import write_report
 
         ref_labels, ref_grid = read_label(reference)
         if not ref_grid.matches(seg.grid):
@@ -120,7 +121,7 @@ def _evaluate_and_draw(seg: Segmentation, organs: dict, image, case: str, out: P
         write_report(rows, out / f"{case}_metrics")
         row["dice"] = {r["organ"]: r["value"] for r in rows if r["metric"] == "dice"}
     if options.overlays:
-        from medseg.overlay import write_overlays
+        from medseg.review.overlays import write_overlays
 
         start = time.perf_counter()
         if ref_labels is not None:
@@ -140,11 +141,12 @@ def around_organs(seg: Segmentation, image: tuple) -> tuple[tuple, tuple]:
     The overlays show that box only, so they come out the same, but choosing and drawing slices then
     never passes over a whole 512 x 512 CT.
     """
-    from medseg.overlay.views import with_margin
+    from medseg.geometry import grow_mm
+    from medseg.review.views import MARGIN_MM
 
     if seg.extent is None:
         return image, (seg.labels, seg.grid)
-    box = with_margin(seg.extent, seg.grid.spacing, seg.grid.shape)
+    box = grow_mm(seg.extent, seg.grid.spacing, seg.grid.shape, MARGIN_MM)
     grid = seg.grid.crop(box)
     # a copy in the mask's own memory order: find_objects on a strided view is ~2x slower
     return (image[0][(slice(None), *box)], grid), (np.asfortranarray(seg.labels[box]), grid)
@@ -204,7 +206,7 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
     if not world.is_main:
         return failures
     if rows:
-        from medseg.review import write_review_page
+        from medseg.review.page import write_review_page
 
         write_text(json.dumps({"model": str(model), "cases": rows,
                                "failed": [{"input": str(p), "error": m} for p, m in failures]}, indent=2),

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from medseg.io import Grid
-from medseg.overlay.render import Color, render_slice
-from medseg.overlay.views import (VIEWS, View, choose_slices, extents_box, mask_extents, slice_position, view_slice,
-                                  view_spacing)
+from medseg.review.render import Color, render_slice
+from medseg.review.views import (VIEWS, View, choose_slices, shown_box, mask_extents, slice_position, view_slice, view_spacing)
 
 WIDTH = 1600  # px: the montage fills a laptop screen at 100 % zoom
 COLUMNS = 4  # tiles per montage row
@@ -34,10 +33,10 @@ def render_view(image: np.ndarray, prediction: np.ndarray, grid: Grid, view: Vie
     """The tiles of one view of canonical (L, P, S) arrays on `grid` (see `canonical`), all of one size.
 
     Tiles run in reading order as a radiologist scrolls: axial head to feet, coronal front to back,
-    sagittal right to left. `extents`: the `organ_extents` of prediction (and reference), if known.
+    sagittal right to left. `extents`: the `mask_extents` of prediction (and reference), if known.
     """
     extents = extents or mask_extents(prediction, reference)
-    crop = extents_box(extents, prediction.shape, grid.spacing)
+    crop = shown_box(extents, prediction.shape, grid.spacing)
     slices = choose_slices(prediction, view.axis, reference=reference, extents=extents)
     slices = [(i, n) for i, n in slices if crop[view.axis].start <= i < crop[view.axis].stop]
     if view.axis == 2:
@@ -131,7 +130,7 @@ def thumbnail(image: np.ndarray, prediction: np.ndarray, grid: Grid, colors: Map
 
     view = VIEWS[0]
     labels = [prediction] + ([reference] if reference is not None else [])
-    crop = extents_box(extents or mask_extents(prediction, reference), prediction.shape, grid.spacing)
+    crop = shown_box(extents or mask_extents(prediction, reference), prediction.shape, grid.spacing)
     inside = [a[crop] for a in labels]
     differs = inside[0] != inside[1] if reference is not None else np.zeros(inside[0].shape, bool)
     where = differs if differs.any() else np.logical_or.reduce([a > 0 for a in inside])

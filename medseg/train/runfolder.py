@@ -19,16 +19,6 @@ import torch
 from medseg.io import atomic_path, write_text
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Tensors and plain containers only: never unpickles code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def rng_state() -> dict:
     """Random states of torch, NumPy and Python as tensors and lists (loadable with weights_only)."""
     numpy_state = np.random.get_state(legacy=False)

@@ -44,6 +44,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from medseg.geometry import bounding_box
+
 # Face (6-)connectivity: a voxel is on the surface if one of its 6 face neighbours is outside.
 _FACE = ndimage.generate_binary_structure(3, 1)
 
@@ -68,63 +70,6 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- label maps
-
-
-def label_boxes(labels: np.ndarray, max_label: int = 0) -> list[tuple[slice, ...] | None]:
-    """`scipy.ndimage.find_objects`, reading the array in its own memory order.
-
-    find_objects walks the last axis fastest: on a Fortran-ordered (X, Y, Z) mask, the layout SimpleITK
-    hands over, that is against the memory and ~6x slower, so such a mask is read through its C-ordered
-    transpose and the boxes turned back. It also costs ~10 ns a voxel, so a 3D mask is first cut to
-    the block that holds any label (`np.any` along the slowest axis is ~50x cheaper), as organs fill
-    a small part of a CT.
-    """
-    from scipy import ndimage
-
-    labels = np.asarray(labels)
-    if labels.flags.f_contiguous and not labels.flags.c_contiguous:
-        return [None if box is None else box[::-1] for box in label_boxes(labels.T, max_label)]
-    if labels.ndim != 3 or labels.size < 1 << 20:
-        return ndimage.find_objects(labels, max_label)
-    block = nonzero_box(labels)
-    if block is None:
-        return [None] * max_label
-    found = ndimage.find_objects(labels[block], max_label)
-    return [None if box is None else tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(box, block))
-            for box in found]
-
-
-def nonzero_box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The bounding box of every non-zero voxel of an (X, Y, Z) array; None if there is none.
-
-    Reads each voxel once, along the memory order: ~10 ms for a 512x512x200 mask.
-    """
-    labels = np.asarray(labels)
-    if labels.flags.f_contiguous and not labels.flags.c_contiguous:
-        box = nonzero_box(labels.T)
-        return None if box is None else box[::-1]
-    slabs = np.flatnonzero(labels.any(axis=(1, 2)))
-    if len(slabs) == 0:
-        return None
-    block = labels[slabs[0]:slabs[-1] + 1]
-    rows, columns = block.any(axis=(0, 2)), block.any(axis=(0, 1))
-    return (slice(int(slabs[0]), int(slabs[-1]) + 1),
-            slice(int(np.argmax(rows)), len(rows) - int(np.argmax(rows[::-1]))),
-            slice(int(np.argmax(columns)), len(columns) - int(np.argmax(columns[::-1]))))
-
-
-def voxel_counts(labels: np.ndarray, minlength: int = 256) -> np.ndarray:
-    """Voxels of each label value in an integer label map, as int64 (`np.bincount` of every voxel).
-
-    torch's bincount takes uint8 as it is; numpy's first converts every voxel to int64 (0.4 GB for a
-    512x512x200 mask) and is ~10x slower.
-    """
-    import torch
-
-    flat = np.asarray(labels).ravel(order="K")  # memory order: no copy for a Fortran-ordered array
-    if flat.dtype != np.uint8:
-        return np.bincount(flat, minlength=minlength)
-    return torch.bincount(torch.from_numpy(flat), minlength=minlength).numpy()
 
 
 # ------------------------------------------------------------------------------------- overlap
@@ -239,19 +184,6 @@ def pixel_accuracy(ref: np.ndarray, pred: np.ndarray, classes: Iterable[int],
 
 
 # ------------------------------------------------------------------------------------- surface
-
-
-def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
-    """Smallest box holding every nonzero voxel, grown by `margin` voxels and clipped to the array;
-    None for an empty mask."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(np.any(mask, axis=others))
-        if hit.size == 0:
-            return None
-        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
 
 
 def surface(mask: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.config import Task
-from medseg.datasets import LAYOUT_NAMES, Case, absolute, detect_layout, load_dataset
+from medseg.data.datasets import LAYOUT_NAMES, Case, absolute, detect_layout, load_dataset
 from medseg.errors import InputError
 from medseg.io import Grid, read_image, read_label, write_text
 

@@ -1,0 +1,174 @@
+"""Case rows: predicted masks scored against references, one row per case, organ and metric.
+
+`evaluate_case` turns one (reference, prediction) pair of label maps into rows
+`{"case", "organ", "metric", "value"}`; `evaluate_pairs` does it for files, checking that both lie on
+the same grid. `medseg.evaluate.matching` pairs the files, `medseg.evaluate.report` writes the rows
+and `medseg.evaluate.run.run_evaluation` is `medseg evaluate`.
+
+Per organ: dice, iou, precision, recall, specificity, volume_ref_ml, volume_pred_ml,
+relative_volume_difference, hd95_mm, hd_mm, assd_mm, surface_dice. Per case (organ "all"):
+pixel_accuracy and mean_pixel_accuracy. Definitions and the empty-mask conventions are in
+`medseg.evaluate.metrics`: an organ absent from both masks is "empty" (NaN Dice), left out of every mean and
+counted as `n_empty`; an organ absent from one mask scores Dice 0 and distance `inf`, and the
+summary leaves `inf` out of mean/std/median and counts it as `n_inf`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from medseg.config import CASE_ORGAN
+from medseg.errors import InputError
+from medseg.evaluate import metrics
+from medseg.evaluate.matching import Pair
+from medseg.evaluate.report import Row
+from medseg.geometry import bounding_box, grow, organ_boxes
+from medseg.io import read_label
+
+DEFAULT_TOLERANCE_MM = 2.0  # surface Dice tolerance when none is given for an organ
+ORGAN_METRICS = ("dice", "iou", "precision", "recall", "specificity", "volume_ref_ml", "volume_pred_ml",
+                 "relative_volume_difference", "hd95_mm", "hd_mm", "assd_mm", "surface_dice")
+CASE_METRICS = ("pixel_accuracy", "mean_pixel_accuracy")
+
+Tolerance = Union[float, Mapping[str, float]]  # mm, one for all organs or organ name -> mm
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+def _tolerance(tolerance_mm: Tolerance, organ: str) -> float:
+    if isinstance(tolerance_mm, Mapping):
+        return float(tolerance_mm.get(organ, DEFAULT_TOLERANCE_MM))
+    return float(tolerance_mm)
+
+
+def _organ_rows(case: str, organ: str, values: Mapping[str, float]) -> list[Row]:
+    return [{"case": case, "organ": organ, "metric": m, "value": float(values[m])} for m in ORGAN_METRICS]
+
+
+def _empty_organ_rows(case: str, organ: str) -> list[Row]:
+    """Rows of an organ absent from both masks (they do not depend on the volume)."""
+    none = np.zeros(0)
+    values = {**metrics.overlap_metrics(0, 0, 0, 1, 1.0),
+              **metrics.distance_metrics(none, none, DEFAULT_TOLERANCE_MM)}
+    return _organ_rows(case, organ, values)
+
+
+def evaluate_case(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float],
+                  organs: Mapping[int, str] | None, tolerance_mm: Tolerance = DEFAULT_TOLERANCE_MM,
+                  not_contoured: Iterable[str] = (), case: str = "case") -> list[Row]:
+    """Every metric of one case as rows `{"case", "organ", "metric", "value"}`.
+
+    Args:
+        ref: reference label map (X, Y, Z), integer values (0 background).
+        pred: predicted label map on the same grid.
+        spacing: voxel size in mm along X, Y, Z.
+        organs: label value -> organ name. Values in the masks but not here count as background.
+            None names every value present `label_<value>`.
+        tolerance_mm: surface Dice tolerance in mm, or organ name -> tolerance (others: 2 mm).
+        not_contoured: organs not contoured in this reference: no rows, and their voxels are left
+            out of the pixel accuracy.
+        case: the case name written in every row.
+
+    Returns:
+        One row per organ and metric (`ORGAN_METRICS`), in label order, then the per-case rows
+        (`CASE_METRICS`, organ "all").
+    """
+    ref, pred = np.asarray(ref), np.asarray(pred)
+    if ref.shape != pred.shape or ref.ndim != 3:
+        raise ValueError(f"reference and prediction must be 3D label maps of one shape, "
+                         f"got {ref.shape} and {pred.shape}")
+    if ref.dtype.kind not in "biu" or pred.dtype.kind not in "biu":
+        raise ValueError(f"label maps must hold integers, got {ref.dtype} and {pred.dtype}")
+    spacing = metrics.check_spacing(spacing, 3)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    not_contoured = set(not_contoured)
+
+    # All work happens inside the box holding any foreground: outside it both maps are 0.
+    box = bounding_box(ref | pred, margin=0)
+    ref_box, pred_box = (ref[box], pred[box]) if box is not None else (ref[:0, :0, :0], pred[:0, :0, :0])
+    if box is not None and (ref_box.min() < 0 or pred_box.min() < 0):
+        raise ValueError("label maps must not hold negative values")
+    present = organ_boxes(ref_box, pred_box)
+    named = organs is not None
+    organs = dict(sorted((int(k), str(v)) for k, v in organs.items())) if named else \
+        {value: f"label_{value}" for value in sorted(present)}
+    if CASE_ORGAN in organs.values():
+        raise ValueError(f"'{CASE_ORGAN}' is reserved for per-case rows and cannot name an organ")
+    unknown = sorted(set(tolerance_mm) - set(organs.values())) if isinstance(tolerance_mm, Mapping) else []
+    if named and unknown:
+        raise ValueError(f"surface Dice tolerances given for unknown organs: {unknown}")
+
+    rows: list[Row] = []
+    for value, organ in organs.items():
+        if organ in not_contoured:
+            continue
+        if value not in present:
+            rows += _empty_organ_rows(case, organ)
+            continue
+        crop = grow(present[value], ref_box.shape, 1)
+        ref_mask, pred_mask = ref_box[crop] == value, pred_box[crop] == value
+        tp, fp, fn, tn = metrics.confusion(ref_mask, pred_mask)
+        tn += ref.size - ref_mask.size  # every voxel outside the crop is background in both
+        distances = metrics.surface_distances(ref_mask, pred_mask, spacing)
+        values = {**metrics.overlap_metrics(tp, fp, fn, tn, voxel_ml),
+                  **metrics.distance_metrics(*distances, _tolerance(tolerance_mm, organ))}
+        rows += _organ_rows(case, organ, values)
+
+    ignore = [v for v, name in organs.items() if name in not_contoured]
+    classes = [v for v in organs if v not in ignore]
+    accuracy, mean_accuracy = metrics.pixel_accuracy(ref, pred, classes, ignore)
+    rows += [{"case": case, "organ": CASE_ORGAN, "metric": "pixel_accuracy", "value": accuracy},
+             {"case": case, "organ": CASE_ORGAN, "metric": "mean_pixel_accuracy", "value": mean_accuracy}]
+    return rows
+
+
+def evaluate_pairs(pairs: Sequence[Pair],
+                   organs: Mapping[int, str] | None = None, tolerance_mm: Tolerance = DEFAULT_TOLERANCE_MM,
+                   not_contoured: Mapping[str, Iterable[str]] | None = None) -> list[Row]:
+    """Rows of every (case, prediction file, reference file) triple.
+
+    Args:
+        pairs: (case name, prediction path, reference path).
+        organs: label value -> organ name; None names the values found `label_<value>`, and an
+            organ found in some cases only is "empty" in the others.
+        tolerance_mm: surface Dice tolerance in mm, or organ name -> tolerance.
+        not_contoured: case name -> organs not contoured in that case's reference.
+
+    Raises:
+        InputError: a file does not read as a label map, or prediction and reference lie on
+            different grids (the message names both files and what differs).
+    """
+    not_contoured = not_contoured or {}
+    per_case: list[list[Row]] = []
+    for case, pred_path, ref_path in pairs:
+        ref, ref_grid = read_label(ref_path)
+        pred, pred_grid = read_label(pred_path)
+        difference = pred_grid.difference(ref_grid)
+        if difference:
+            raise InputError(f"{pred_path} and {ref_path}: prediction and reference lie on different grids "
+                             f"({difference}); resample the prediction onto the reference grid")
+        per_case.append(evaluate_case(ref, pred, ref_grid.spacing, organs, tolerance_mm,
+                                      not_contoured.get(case, ()), case=case))
+    if organs is not None:
+        return [row for rows in per_case for row in rows]
+    # Organs named from the values found: give every case every organ, in label order.
+    names = sorted({r["organ"] for rows in per_case for r in rows if r["organ"] != CASE_ORGAN},
+                   key=lambda name: int(name.rsplit("_", 1)[1]))
+    out = []
+    for (case, _, _), rows in zip(pairs, per_case):
+        skip = set(not_contoured.get(case, ()))
+        by_organ: dict[str, list[Row]] = {}
+        for row in rows:
+            by_organ.setdefault(row["organ"], []).append(row)
+        for name in names:
+            if name not in skip:
+                out += by_organ.get(name) or _empty_organ_rows(case, name)
+        out += by_organ.get(CASE_ORGAN, [])
+    return out
+
+

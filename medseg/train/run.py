@@ -1,0 +1,300 @@
+"""A training run: open (or reopen) the run folder, prepare the cases, alternate epochs and validation.
+
+`fit` prepares a run folder that describes itself (`medseg.model.folder.RunConfig`: task, spacing,
+normalisation, network), preprocesses every case once (cached in the run folder), then alternates
+`train_one_epoch` and `validate` and keeps `best.pt` and `last.pt`.
+
+Under torchrun (a `World` of several processes) the same functions train with DistributedDataParallel:
+rank 0 opens the run folder and alone writes config, checkpoints, metrics, curve, TensorBoard and log;
+each rank preprocesses, caches and samples only its share of the training cases (case i to rank
+i % size), with its own random stream, while DDP keeps the weights identical by starting every rank
+from rank 0's and averaging gradients. Validation is sharded the same way and its per-case Dice
+gathered, so every rank computes the same scores. Step times are agreed (the slowest rank's), so
+every rank takes the same `--max-minutes` decisions and none is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.config import load_task, sample_data_dir
+from medseg.data.datasets import Case, load_dataset
+from medseg.data.fingerprint import compute_fingerprint
+from medseg.data.patches import load_subject, make_split, patch_batches
+from medseg.data.preprocess import resolve_preprocessing
+from medseg.distributed import World
+from medseg.errors import InputError
+from medseg.model.folder import (CONFIG_NAME, RunConfig, load_checkpoint, read_run_config, save_checkpoint,
+                                 write_run_config)
+from medseg.model.networks import build_network, plan_network
+from medseg.runtime import prepare_network, resolve_device, resolve_precision
+from medseg.train.runfolder import (MetricsTable, TensorBoard, make_logger, rng_state, set_rng_state,
+                                    silent_logger)
+from medseg.train.steps import Progress, learning_rate, make_loss, make_optimizer, train_one_epoch
+from medseg.train.validation import validate
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Runtime choices of one training run (everything else comes from the task file)."""
+
+    task: str | Path = "prostate"  # task name or file
+    data: Path | None = None  # dataset folder; None: the task's bundled sample data
+    out: Path | None = None  # run folder; None: runs/<task>/<timestamp>
+    epochs: int | None = None  # override the task's schedule
+    max_minutes: float | None = None  # override the task's time budget
+    device: str = "auto"
+    seed: int = 0
+    folds: int = 5
+    fold: int = 0
+    resume: bool = False
+    compile: bool = False
+    precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU runs bf16 natively (medseg.runtime)
+
+
+# ---------------------------------------------------------------------------- the run folder
+
+
+def _resolve_run(options: TrainOptions) -> tuple[Path, RunConfig | None]:
+    """The run folder, and its saved config when resuming."""
+    if not options.resume:
+        task = str(options.task)
+        name = Path(task).stem if task.endswith((".yaml", ".yml", ".json")) else task
+        folder = Path(options.out or Path("runs", name, datetime.now().strftime("%Y%m%d-%H%M%S")))
+        if (folder / "last.pt").exists():
+            raise InputError(f"{folder} already holds a run; use --resume to continue it or choose another --out")
+        return folder, None
+    folder = options.out
+    if folder is None:
+        name = Path(str(options.task)).stem
+        runs = sorted(Path("runs", name).glob(f"*/{CONFIG_NAME}"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise InputError(f"--resume found no run under runs/{name}/; pass --out RUN_FOLDER")
+        folder = runs[-1].parent
+    if not (Path(folder) / CONFIG_NAME).is_file():
+        raise InputError(f"--resume: {folder} has no {CONFIG_NAME} (not a medseg run folder)")
+    return Path(folder), read_run_config(folder)
+
+
+def _new_config(options: TrainOptions) -> RunConfig:
+    """Task, split, preprocessing and network plan worked out for a new run."""
+    task = load_task(options.task)
+    data = Path(options.data) if options.data else None
+    if data is None:
+        if not task.sample_data:
+            raise InputError(f"task '{task.name}' has no bundled sample data; pass --data DATASET_FOLDER")
+        data = sample_data_dir(task.sample_data)
+    cases = {c.name: c for c in load_dataset(data)}
+    labelled = [name for name, case in cases.items() if case.label is not None]
+    if not labelled:
+        raise InputError(f"{data}: no labelled training cases")
+    split = make_split(labelled, options.folds, options.fold, options.seed)
+    fingerprint = compute_fingerprint([cases[n] for n in split["train"]], task)
+    prep = resolve_preprocessing(task, fingerprint)
+    plan = plan_network(task.network, len(task.channels), task.num_classes, task.patch_size, prep.spacing)
+    if any(p % d for p, d in zip(task.patch_size, plan.divisor)):
+        raise InputError(f"patch_size {task.patch_size} must be a multiple of {plan.divisor} for this network")
+    return RunConfig(task=task, preprocessing=prep, network=plan, split=split, data=str(Path(data).resolve()),
+                     folds={"folds": options.folds, "fold": options.fold, "seed": options.seed},
+                     fingerprint=fingerprint, epochs=options.epochs or task.schedule.epochs,
+                     max_minutes=options.max_minutes if options.max_minutes is not None else task.schedule.max_minutes)
+
+
+def _open_run(options: TrainOptions) -> tuple[Path, RunConfig]:
+    """Create or reopen the run folder and write its config; only rank 0 runs this."""
+    folder, saved = _resolve_run(options)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp*"):  # a write cut short by a kill: the file it was replacing is intact
+        stale.unlink()
+    (folder / "cache").mkdir(exist_ok=True)
+    if saved is None:
+        config = _new_config(options)
+    else:
+        config = saved.with_budget(options.epochs, options.max_minutes)
+    if config != saved:
+        write_run_config(config, folder)
+    return folder, config
+
+
+# --------------------------------------------------------------------------------- the training
+
+
+@dataclass
+class _Training:
+    """Everything one rank holds while it trains."""
+
+    folder: Path
+    config: RunConfig
+    world: World
+    precision: str
+    log: logging.Logger
+    network: torch.nn.Module  # the weights that are saved
+    model: torch.nn.Module  # what steps call: the network, or its DDP / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    batches: Any  # iterator of patch batches
+    validation: list  # this rank's validation subjects
+    progress: Progress = field(default_factory=Progress)
+    table: MetricsTable | None = None
+    board: TensorBoard | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.config.task.schedule.steps_per_epoch
+
+    @property
+    def budget(self) -> float | None:
+        return self.config.max_minutes * 60 if self.config.max_minutes else None
+
+    def fraction(self) -> float:
+        return self.progress.fraction(self.total_steps, self.budget)
+
+    def checkpoint(self, name: str, rng_states: list[dict]) -> None:
+        state = {"model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "progress": vars(self.progress).copy(), "rng": rng_states[0]}
+        if len(rng_states) > 1:
+            state["rng_ranks"] = rng_states
+        save_checkpoint(self.folder / name, state)
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _restore_rng(state: dict, world: World, seed: int) -> None:
+    """Each rank continues its own random stream; a rank the checkpoint has none for (the job grew)
+    starts a new one."""
+    streams = state.get("rng_ranks", [state["rng"]])
+    if world.rank < len(streams):
+        set_rng_state(streams[world.rank])
+    else:
+        _seed(seed + world.rank + state["progress"]["step"])
+
+
+def _load_subjects(config: RunConfig, folder: Path, world: World) -> tuple[list, list]:
+    """This rank's share of the training and validation cases, preprocessed (cached in the run folder)."""
+    cases: dict[str, Case] = {c.name: c for c in load_dataset(config.data)}
+    split = config.split
+    missing = [n for n in split["train"] + split["validation"] if n not in cases]
+    if missing:
+        raise InputError(f"{config.data}: cases {missing[:3]} of the run's split are missing from the dataset")
+    if len(split["train"]) < world.size:
+        raise InputError(f"{len(split['train'])} training cases cannot be shared among {world.size} "
+                         f"processes; start at most {len(split['train'])}")
+    load = lambda name: load_subject(cases[name], config.preprocessing, config.task, folder / "cache")  # noqa: E731
+    return [load(n) for n in world.shard(split["train"])], [load(n) for n in world.shard(split["validation"])]
+
+
+def _start(options: TrainOptions, world: World) -> _Training:
+    """Open the run, load the cases, build (or restore) network and optimiser on this rank."""
+    folder, config = world.from_main(lambda: _open_run(options))
+    log = make_logger(folder) if world.is_main else silent_logger()
+    device, task, plan = world.device, config.task, config.network
+    precision = resolve_precision(options.precision, device)
+    _seed(options.seed + world.rank)  # sampling differs per rank; DDP gives all ranks rank 0's initial weights
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    start = time.perf_counter()
+    train_subjects, val_subjects = _load_subjects(config, folder, world)
+    shared = f", shared among {world.size} processes" if world.size > 1 else ""
+    log.info(f"{task.name}: {len(config.split['train'])} training / {len(config.split['validation'])} validation "
+             f"cases from {config.data}{shared}; spacing {config.preprocessing.spacing} mm, patch {task.patch_size}, "
+             f"{plan.name} {plan.filters}; preprocessed in {time.perf_counter() - start:.1f} s on {device} ({precision})")
+    network = prepare_network(build_network(plan), device, precision, training=True)
+    optimizer = make_optimizer(task, network)
+    progress = Progress()
+    if options.resume and (folder / "last.pt").is_file():  # every rank reads it: the run folder is shared
+        state = load_checkpoint(folder / "last.pt")
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = Progress(**state["progress"])
+        _restore_rng(state, world, options.seed)
+        log.info(f"resumed from epoch {progress.epoch}, step {progress.step}")
+    model = network
+    if world.size > 1:  # starts every rank from rank 0's weights, then averages the gradients of each step
+        model = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(model) if options.compile else model
+    table = MetricsTable(folder / "metrics.csv", list(task.label_names.values())) if world.is_main else None
+    return _Training(folder, config, world, precision, log, network, model, optimizer,
+                     patch_batches(train_subjects, task, device), val_subjects, progress, table,
+                     TensorBoard(folder) if world.is_main else None)
+
+
+def _epoch(run: _Training, loss_fn, show_bar: bool) -> None:
+    """One epoch of steps, validation when due, then the checkpoints, the table and the log line."""
+    task, progress, world = run.config.task, run.progress, run.world
+    epoch_start = time.perf_counter()
+    loss = train_one_epoch(run.model, run.batches, loss_fn, run.optimizer, task, progress, run.total_steps,
+                           run.budget, world.device, show_bar, world, run.precision)
+    loss = world.mean(loss)
+    progress.epoch += 1
+    done = progress.epoch >= run.config.epochs or run.fraction() >= 1.0
+    scores = {}
+    if progress.epoch % task.schedule.validate_every == 0 or done:
+        scores = validate(run.network, run.validation, task, run.config.network, world.device, world, run.precision)
+    mean = float(np.nanmean(list(scores.values()))) if scores else None
+    improved = mean is not None and mean > progress.best_dice
+    if improved:
+        progress.best_dice = mean
+    rng_states = world.gather(rng_state())
+    row = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss, "mean_dice": mean,
+           "lr": learning_rate(task, run.fraction()), "seconds": time.perf_counter() - epoch_start,
+           **{f"dice_{k}": v for k, v in scores.items()}}
+    if world.is_main:
+        if improved:
+            save_checkpoint(run.folder / "best.pt",
+                            {"model": run.network.state_dict(), "epoch": progress.epoch, "mean_dice": mean})
+        run.checkpoint("last.pt", rng_states)
+        run.table.append(row)
+        run.table.plot(run.folder / "training_curve.png")
+        run.board.scalars({"loss/train": loss, "dice/mean": mean, "lr": row["lr"],
+                           **{f"dice/{k}": v for k, v in scores.items()}}, progress.step)
+    dice_text = (f", val Dice {mean:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + ")"
+                 if scores else "")
+    run.log.info(f"epoch {progress.epoch}/{run.config.epochs} step {progress.step}: loss {loss:.4f}{dice_text}, "
+                 f"lr {row['lr']:.2g}, {row['seconds']:.1f} s")
+
+
+def fit(options: TrainOptions, world: World | None = None) -> Path:
+    """Train (or resume) one run; returns the run folder.
+
+    Args:
+        options: the run's runtime choices.
+        world: the processes training together, from `medseg.distributed.joined` (its device replaces
+            `options.device`); None: this process alone on `options.device`.
+    """
+    import sys
+
+    world = world or World(resolve_device(options.device))
+    run = _start(options, world)
+    loss_fn = make_loss(run.config.task, run.config.network)
+    show_bar = sys.stderr.isatty() and world.is_main
+    try:
+        while run.progress.epoch < run.config.epochs and run.fraction() < 1.0:
+            _epoch(run, loss_fn, show_bar)
+    except KeyboardInterrupt:
+        if world.is_main:  # no collective here: the other ranks may be gone; they start new streams on resume
+            run.checkpoint("last.pt", [rng_state()])
+        run.log.info(f"interrupted: saved {run.folder / 'last.pt'}; continue with "
+                     f"`medseg train --resume --out {run.folder}`")
+        raise
+    finally:
+        if run.board is not None:
+            run.board.close()
+    # No validation ran (e.g. a zero budget): the last weights serve.
+    if world.is_main and not (run.folder / "best.pt").is_file():
+        save_checkpoint(run.folder / "best.pt",
+                        {"model": run.network.state_dict(), "epoch": run.progress.epoch, "mean_dice": -1.0})
+    run.log.info(f"done: best validation mean Dice {run.progress.best_dice:.3f}; model folder {run.folder}")
+    return run.folder
