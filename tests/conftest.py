@@ -7,9 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+import torch
 from scipy.spatial.transform import Rotation
 
+from medseg.config import load_task
+from medseg.data.preprocess import ChannelIntensity, Preprocessing
+from medseg.infer.predictor import ModelBundle, Predictor
 from medseg.io import Grid, write_image, write_label_map
+from medseg.model.networks import NetworkPlan
 
 # Direction matrices (ITK convention: columns are the world directions of the voxel axes).
 DIRECTIONS = {
@@ -144,3 +150,91 @@ def edit_json(path: Path, **changes) -> None:
 @pytest.fixture
 def msd(tmp_path, write_case) -> Path:
     return make_msd(tmp_path / "Task01_Pelvis", write_case)
+
+
+class Oracle(torch.nn.Module):
+    """Reads the label id straight off the voxel value: logits peak at round(x)."""
+
+    def __init__(self, classes: int = 6):
+        super().__init__()
+        self.register_buffer("ids", torch.arange(classes, dtype=torch.float32).view(1, classes, 1, 1, 1))
+
+    def forward(self, x):
+        return -10.0 * (x[:, :1] - self.ids) ** 2
+
+
+class SideAware(torch.nn.Module):
+    """Calls a bright voxel 'left' (4) in the low-index half of RAS axis 0 and 'right' (5) otherwise,
+    as a trained network would: by where it sits, not by what it was called."""
+
+    def forward(self, x):
+        bright = x[:, :1] > 0.5
+        low = torch.zeros_like(bright)
+        low[:, :, : x.shape[2] // 2] = True
+        logits = torch.zeros(x.shape[0], 6, *x.shape[2:])
+        logits[:, 0] = (~bright)[:, 0].float()
+        logits[:, 4] = (bright & low)[:, 0].float()
+        logits[:, 5] = (bright & ~low)[:, 0].float()
+        return logits
+
+
+def oracle_predictor(spacing, network=None, tta=False, patch=(16, 16, 16)) -> Predictor:
+    task = load_task("prostate")
+    prep = Preprocessing(tuple(spacing), "none", (ChannelIntensity(None, 0.0, 1.0),))
+    plan = NetworkPlan("unet", 1, 6, (4, 8), ((3, 3, 3),) * 2, ((1, 1, 1), (2, 2, 2)), False, 0.0, patch)
+    bundle = ModelBundle(None, task, prep, plan, (network or Oracle()).eval(), torch.device("cpu"))
+    return Predictor(bundle, tta=tta)
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    """refs/case_{0,1,2}.nii.gz and preds/case_{0,1}_seg.nii.gz + stray_seg.nii.gz: each prediction
+    is its reference shifted by one voxel along x, with the rectum (3) missing in case_1."""
+    grid = make_grid("LPS", shape=(40, 36, 24))
+    refs, preds = tmp_path / "refs", tmp_path / "preds"
+    for seed in range(3):
+        _, labels = blob_case(grid, seed)
+        write_label_map(labels, grid, refs / f"case_{seed}.nii.gz")
+        if seed < 2:
+            pred = np.roll(labels, 1, axis=0)
+            if seed == 1:
+                pred[pred == 3] = 0
+            write_label_map(pred, grid, preds / f"case_{seed}_seg.nii.gz")
+    write_label_map(labels, grid, preds / "stray_seg.nii.gz")
+    return preds, refs
+
+
+def write_dicom_series(volume: np.ndarray, grid: Grid, folder: Path, seed: int = 0) -> np.ndarray:
+    """One CT slice per file, named in a shuffled order unrelated to slice position; returns the names."""
+    folder.mkdir()
+    image = grid.apply_to(sitk.GetImageFromArray(volume.transpose(2, 1, 0)))
+    d = grid.direction
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    names = np.random.default_rng(seed).permutation(volume.shape[2])
+    for k in range(volume.shape[2]):
+        slice_ = image[:, :, k]
+        for tag, value in [
+            ("0008|0060", "CT"),
+            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.4242"),  # SeriesInstanceUID
+            ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.4241"),  # StudyInstanceUID
+            ("0008|0018", f"1.2.826.0.1.3680043.2.1125.1.4242.{k + 1}"),  # SOPInstanceUID
+            ("0020|0037", "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))),
+            ("0020|0032", "\\".join(f"{v:.10f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            ("0028|0030", f"{grid.spacing[1]}\\{grid.spacing[0]}"),  # rows\columns
+            ("0018|0050", str(grid.spacing[2])),
+            ("0020|0013", str(k + 1)),
+        ]:
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"IM{names[k]:04d}.dcm"))
+        writer.Execute(slice_)
+    return names
+
+
+class BrightIsBladder(torch.nn.Module):
+    """Bladder (2) wherever the voxel is brighter than soft tissue, by its own value alone."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 6, *x.shape[2:])
+        logits[:, 2] = x[:, 0] - 20.0
+        return logits

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medseg.config import Task, available_tasks, load_task, parse_task, task_to_dict
-from medseg.errors import ConfigError
+from medseg.config import (
+    Task,
+    available_tasks,
+    load_task,
+    parse_task,
+    read_labels_file,
+    task_to_dict,
+)
+from medseg.errors import ConfigError, InputError
 
 MINIMAL = "name: pelvis\nlabels:\n  1: prostate\n  2: {name: bladder, color: [1, 2, 3]}\n"
 
@@ -104,3 +111,16 @@ def test_unknown_task_name_lists_available():
 def test_missing_task_file(tmp_path):
     with pytest.raises(ConfigError, match=r"task file not found: .*nope\.yaml"):
         load_task(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param('{"1": 2}', "must map", id="number-to-number"),
+    pytest.param('{"1": "a", "2": "a"}', "repeated", id="repeated-name"),
+    pytest.param('{"0": "background"}', "names no organ", id="background-only"),
+    pytest.param('[1, 2]', "expected a mapping", id="list"),
+])
+def test_bad_labels_files(tmp_path, text, message):
+    path = tmp_path / "labels.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_labels_file(path)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrun_worker import weights_digest
 
 import medseg
 from medseg.cli import main, train_arguments
 from medseg.distributed import World, joined, torchrun_ranks
 from medseg.train import TrainOptions
-from torchrun_worker import weights_digest
 
 WORKER = Path(__file__).with_name("torchrun_worker.py")
 

@@ -9,10 +9,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import make_grid, write_dicom_series
 
-from conftest import make_grid
 from medseg.errors import InputError
-from medseg.io import Grid, atomic_path, from_array, read_image, read_label, to_array, write_image, write_label_map
+from medseg.io import (
+    Grid,
+    atomic_path,
+    from_array,
+    read_image,
+    read_label,
+    to_array,
+    write_image,
+    write_label_map,
+)
 
 ORIENTATIONS = ["LPS", "RAS", "PLI", "oblique"]
 SUFFIXES = [".nii.gz", ".nrrd", ".mha"]
@@ -204,33 +213,6 @@ def test_multi_member_gzip_nifti_is_read(write_case, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- DICOM
-
-
-def write_dicom_series(volume: np.ndarray, grid: Grid, folder: Path, seed: int = 0) -> np.ndarray:
-    """One CT slice per file, named in a shuffled order unrelated to slice position; returns the names."""
-    folder.mkdir()
-    image = grid.apply_to(sitk.GetImageFromArray(volume.transpose(2, 1, 0)))
-    d = grid.direction
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    names = np.random.default_rng(seed).permutation(volume.shape[2])
-    for k in range(volume.shape[2]):
-        slice_ = image[:, :, k]
-        for tag, value in [
-            ("0008|0060", "CT"),
-            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.4242"),  # SeriesInstanceUID
-            ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.4241"),  # StudyInstanceUID
-            ("0008|0018", f"1.2.826.0.1.3680043.2.1125.1.4242.{k + 1}"),  # SOPInstanceUID
-            ("0020|0037", "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))),
-            ("0020|0032", "\\".join(f"{v:.10f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
-            ("0028|0030", f"{grid.spacing[1]}\\{grid.spacing[0]}"),  # rows\columns
-            ("0018|0050", str(grid.spacing[2])),
-            ("0020|0013", str(k + 1)),
-        ]:
-            slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"IM{names[k]:04d}.dcm"))
-        writer.Execute(slice_)
-    return names
 
 
 @pytest.mark.parametrize("orientation", ["LPS", "oblique"])

@@ -11,8 +11,14 @@ from medseg import runtime
 from medseg.errors import InputError
 from medseg.infer.stitching import sliding_window_logits
 from medseg.model.networks import NetworkPlan, build_network
-from medseg.runtime import (autocast, cpu_has_native_bf16, group_norm_for_instance_norm, keep_freed_memory,
-                            prepare_network, resolve_precision)
+from medseg.runtime import (
+    autocast,
+    cpu_has_native_bf16,
+    group_norm_for_instance_norm,
+    keep_freed_memory,
+    prepare_network,
+    resolve_precision,
+)
 
 CPU = torch.device("cpu")
 

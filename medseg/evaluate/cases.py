@@ -58,6 +58,30 @@ def _empty_organ_rows(case: str, organ: str) -> list[Row]:
     return _organ_rows(case, organ, values)
 
 
+def _check_maps(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> tuple[float, ...]:
+    """The spacing as three floats, once both maps are known to be integer 3D maps of one shape."""
+    if ref.shape != pred.shape or ref.ndim != 3:
+        raise ValueError(f"reference and prediction must be 3D label maps of one shape, "
+                         f"got {ref.shape} and {pred.shape}")
+    if ref.dtype.kind not in "biu" or pred.dtype.kind not in "biu":
+        raise ValueError(f"label maps must hold integers, got {ref.dtype} and {pred.dtype}")
+    return metrics.check_spacing(spacing, 3)
+
+
+def _organ_names(organs: Mapping[int, str] | None, present: Mapping[int, tuple[slice, ...]],
+                 tolerance_mm: Tolerance) -> dict[int, str]:
+    """Label value -> organ name, in label order: the given names, or `label_<value>` for the values present."""
+    named = organs is not None
+    organs = dict(sorted((int(k), str(v)) for k, v in organs.items())) if named else \
+        {value: f"label_{value}" for value in sorted(present)}
+    if CASE_ORGAN in organs.values():
+        raise ValueError(f"'{CASE_ORGAN}' is reserved for per-case rows and cannot name an organ")
+    unknown = sorted(set(tolerance_mm) - set(organs.values())) if isinstance(tolerance_mm, Mapping) else []
+    if named and unknown:
+        raise ValueError(f"surface Dice tolerances given for unknown organs: {unknown}")
+    return organs
+
+
 def evaluate_case(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float],
                   organs: Mapping[int, str] | None, tolerance_mm: Tolerance = DEFAULT_TOLERANCE_MM,
                   not_contoured: Iterable[str] = (), case: str = "case") -> list[Row]:
@@ -79,12 +103,7 @@ def evaluate_case(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float],
         (`CASE_METRICS`, organ "all").
     """
     ref, pred = np.asarray(ref), np.asarray(pred)
-    if ref.shape != pred.shape or ref.ndim != 3:
-        raise ValueError(f"reference and prediction must be 3D label maps of one shape, "
-                         f"got {ref.shape} and {pred.shape}")
-    if ref.dtype.kind not in "biu" or pred.dtype.kind not in "biu":
-        raise ValueError(f"label maps must hold integers, got {ref.dtype} and {pred.dtype}")
-    spacing = metrics.check_spacing(spacing, 3)
+    spacing = _check_maps(ref, pred, spacing)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     not_contoured = set(not_contoured)
 
@@ -94,14 +113,7 @@ def evaluate_case(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float],
     if box is not None and (ref_box.min() < 0 or pred_box.min() < 0):
         raise ValueError("label maps must not hold negative values")
     present = organ_boxes(ref_box, pred_box)
-    named = organs is not None
-    organs = dict(sorted((int(k), str(v)) for k, v in organs.items())) if named else \
-        {value: f"label_{value}" for value in sorted(present)}
-    if CASE_ORGAN in organs.values():
-        raise ValueError(f"'{CASE_ORGAN}' is reserved for per-case rows and cannot name an organ")
-    unknown = sorted(set(tolerance_mm) - set(organs.values())) if isinstance(tolerance_mm, Mapping) else []
-    if named and unknown:
-        raise ValueError(f"surface Dice tolerances given for unknown organs: {unknown}")
+    organs = _organ_names(organs, present, tolerance_mm)
 
     rows: list[Row] = []
     for value, organ in organs.items():

@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import blob_case, make_grid
+
 from medseg.cli import main
 from medseg.io import write_image, write_label_map
 

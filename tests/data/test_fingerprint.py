@@ -7,12 +7,16 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import edit_json, make_grid, make_msd
+
 from medseg.config import load_task
 from medseg.data.datasets import Case, load_dataset
+from medseg.data.fingerprint import (
+    check_dataset,
+    compute_fingerprint,
+    default_fingerprint_path,
+)
 from medseg.errors import InputError
-from medseg.data.fingerprint import check_dataset, compute_fingerprint, default_fingerprint_path
 from medseg.io import read_image, read_label, write_label_map
 
 PROSTATE = load_task("prostate")

@@ -14,9 +14,15 @@ from medseg.config import load_task
 from medseg.errors import InputError
 from medseg.io import Grid, from_array, to_array
 from medseg.review.montage import THUMB_SIZE, render_view, thumbnail
-from medseg.review.views import VIEWS, canonical, choose_slices, view_slice, view_spacing
 from medseg.review.overlays import legend_entries, write_overlays
 from medseg.review.render import render_slice
+from medseg.review.views import (
+    VIEWS,
+    canonical,
+    choose_slices,
+    view_slice,
+    view_spacing,
+)
 
 RED, GREEN = (230, 25, 75), (60, 180, 75)
 AXIAL, CORONAL, SAGITTAL = VIEWS

@@ -14,33 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medseg.config import load_task
-from medseg.data.patches import make_split
-from medseg.train.steps import learning_rate
-
 
 def read_metrics(folder: Path) -> list[dict]:
     with (folder / "metrics.csv").open() as handle:
         return list(csv.DictReader(handle))
-
-
-def test_split_is_deterministic_and_disjoint():
-    names = [f"case_{i:03d}" for i in range(17)]
-    folds = [make_split(names, 5, fold, seed=3) for fold in range(5)]
-    assert folds[0] == make_split(names, 5, 0, seed=3)
-    held_out = [name for split in folds for name in split["validation"]]
-    assert sorted(held_out) == names  # every case is validated exactly once over the folds
-    for split in folds:
-        assert not set(split["train"]) & set(split["validation"])
-    with pytest.raises(ValueError, match="--fold 5 is out of range"):
-        make_split(names, 5, 5, seed=0)
-
-
-def test_poly_schedule_reaches_zero():
-    task = load_task("prostate")
-    assert learning_rate(task, 0.0) == pytest.approx(task.optimizer.lr)
-    assert learning_rate(task, 0.5) == pytest.approx(task.optimizer.lr * 0.5 ** 0.9)
-    assert learning_rate(task, 1.0) == 0.0
 
 
 def test_run_folder_describes_itself(tiny_model):

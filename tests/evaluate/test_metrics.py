@@ -10,9 +10,6 @@ import pytest
 import SimpleITK as sitk
 
 from medseg.evaluate import metrics
-from medseg.config import CASE_ORGAN
-from medseg.evaluate.cases import evaluate_case
-from medseg.evaluate.report import summarize
 
 SPACING = (0.8, 1.1, 2.5)  # mm, anisotropic on purpose
 SHAPE = (48, 40, 24)
@@ -168,7 +165,11 @@ def test_hausdorff_differs_from_simpleitk_for_a_hole():
 @pytest.mark.parametrize("name", MASK_PAIRS)
 def test_surface_metrics_match_monai(name):
     torch = pytest.importorskip("torch")
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
+    from monai.metrics import (
+        compute_average_surface_distance,
+        compute_hausdorff_distance,
+        compute_surface_dice,
+    )
 
     ref, pred = MASK_PAIRS[name]
     one_hot = lambda m: torch.from_numpy(np.stack([~m, m])[None].astype(np.float32))  # noqa: E731  (B, C, X, Y, Z)
@@ -210,72 +211,6 @@ def test_cropping_changes_no_distance():
 ORGANS = {1: "prostate", 2: "bladder", 3: "rectum"}
 
 
-def label_maps() -> tuple[np.ndarray, np.ndarray]:
-    ref = np.zeros(SHAPE, np.uint8)
-    pred = np.zeros(SHAPE, np.uint8)
-    ref[MASK_PAIRS["offset-ellipsoids"][0]] = 1
-    pred[MASK_PAIRS["offset-ellipsoids"][1]] = 1
-    ref[ellipsoid((8, 8, 8), (5, 5, 6))] = 2  # bladder missed by the prediction
-    return ref, pred  # rectum absent from both
-
-
-def by_key(rows) -> dict[tuple[str, str], float]:
-    return {(r["organ"], r["metric"]): r["value"] for r in rows}
-
-
-def test_evaluate_case_rows_equal_the_metrics_on_full_masks():
-    ref, pred = label_maps()
-    rows = evaluate_case(ref, pred, SPACING, ORGANS, case="c1")
-    assert {tuple(r) for r in rows} == {("case", "organ", "metric", "value")}
-    assert {r["case"] for r in rows} == {"c1"}
-    values = by_key(rows)
-    for label, organ in ORGANS.items():
-        expected = all_metrics(ref == label, pred == label, SPACING)
-        assert_values({m: values[organ, m] for m in expected}, expected, tol=1e-9)
-
-
-def test_evaluate_case_empty_conventions_and_summary():
-    ref, pred = label_maps()
-    values = by_key(evaluate_case(ref, pred, SPACING, ORGANS))
-    assert math.isnan(values["rectum", "dice"]) and math.isnan(values["rectum", "hd95_mm"])
-    assert values["bladder", "dice"] == 0 and values["bladder", "surface_dice"] == 0
-    assert values["bladder", "hd95_mm"] == values["bladder", "assd_mm"] == INF
-
-    rows = evaluate_case(ref, pred, SPACING, ORGANS, case="a") + evaluate_case(ref, ref, SPACING, ORGANS, case="b")
-    summary = summarize(rows)
-    assert set(summary) == {"prostate", "bladder", "rectum", CASE_ORGAN}
-    assert summary["rectum"]["dice"] == dict(mean=None, std=None, median=None, n=0, n_empty=2, n_inf=0)
-    assert summary["rectum"]["volume_ref_ml"]["n"] == 0  # empty pairs leave every metric's mean
-    bladder = summary["bladder"]
-    assert bladder["dice"]["n"] == 2 and bladder["dice"]["mean"] == pytest.approx(0.5)
-    assert bladder["hd95_mm"] == dict(mean=0.0, std=None, median=0.0, n=1, n_empty=0, n_inf=1)
-
-
-def test_organs_not_contoured_are_left_out():
-    ref, pred = label_maps()
-    pred[ellipsoid((8, 8, 8), (5, 5, 6))] = 2
-    rows = evaluate_case(ref, pred, SPACING, ORGANS, not_contoured={"bladder"})
-    assert "bladder" not in {r["organ"] for r in rows}
-    full = by_key(evaluate_case(ref, pred, SPACING, {1: "prostate"}))
-    # bladder voxels are ignored, not counted as agreeing background
-    assert by_key(rows)[CASE_ORGAN, "pixel_accuracy"] < full[CASE_ORGAN, "pixel_accuracy"]
-
-
-def test_unnamed_organs_come_from_the_values_present():
-    ref, pred = label_maps()
-    organs = {r["organ"] for r in evaluate_case(ref, pred, SPACING, None)}
-    assert organs == {"label_1", "label_2", CASE_ORGAN}
-
-
-def test_tolerance_per_organ():
-    ref, pred = label_maps()
-    tight = by_key(evaluate_case(ref, pred, SPACING, ORGANS, tolerance_mm={"prostate": 0.5}))
-    loose = by_key(evaluate_case(ref, pred, SPACING, ORGANS, tolerance_mm=10.0))
-    assert tight["prostate", "surface_dice"] < loose["prostate", "surface_dice"] == 1.0
-    with pytest.raises(ValueError, match="unknown organs"):
-        evaluate_case(ref, pred, SPACING, ORGANS, tolerance_mm={"liver": 1.0})
-
-
 # ---------------------------------------------------------------------------------- pixel accuracy
 
 
@@ -296,54 +231,3 @@ def test_pixel_accuracy_of_empty_maps_is_one():
     assert metrics.pixel_accuracy(empty, empty, classes=[1]) == (1.0, 1.0)
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.int16])
-def test_voxel_counts_equal_numpy_bincount(dtype):
-    from medseg.geometry import voxel_counts
-
-    labels = np.asfortranarray(np.random.default_rng(3).integers(0, 6, size=(17, 13, 9)).astype(dtype))
-    counts = voxel_counts(labels, minlength=8)
-    assert counts.tolist() == np.bincount(labels.ravel().astype(np.int64), minlength=8).tolist()
-
-
-def test_label_boxes_are_find_objects_in_either_memory_order():
-    from scipy import ndimage
-
-    from medseg.geometry import label_boxes
-
-    labels = np.zeros((20, 15, 9), np.uint8)
-    labels[2:5, 3:12, 1:4] = 1
-    labels[10:19, 0:2, 5:9] = 3
-    expected = ndimage.find_objects(labels)
-    assert expected[1] is None
-    assert label_boxes(labels) == expected
-    assert label_boxes(np.asfortranarray(labels)) == expected
-    assert label_boxes(np.asfortranarray(labels), max_label=1) == expected[:1]
-
-
-@pytest.mark.parametrize("order", ["C", "F"])
-def test_label_boxes_of_a_large_mask_match_find_objects(order):
-    """Over a million voxels the organs' block is cut out first; the boxes must not move."""
-    from scipy import ndimage
-
-    from medseg.geometry import label_boxes
-
-    labels = np.zeros((130, 120, 100), np.uint8, order=order)
-    labels[60:90, 1:40, 50:99] = 2
-    labels[100:101, 70:71, 3:4] = 5
-    labels[0:3, 110:120, 0:2] = 1  # touching the volume's corner
-    expected = ndimage.find_objects(np.ascontiguousarray(labels))
-    assert label_boxes(labels) == expected
-    assert label_boxes(labels, max_label=7) == expected + [None, None]
-    assert label_boxes(np.zeros_like(labels), max_label=3) == [None] * 3
-    assert label_boxes(np.zeros_like(labels)) == []
-
-
-@pytest.mark.parametrize("order", ["C", "F"])
-def test_nonzero_box_bounds_every_label(order):
-    from medseg.geometry import nonzero_box
-
-    labels = np.zeros((30, 20, 10), np.uint8, order=order)
-    assert nonzero_box(labels) is None
-    labels[4, 7:9, 9] = 2
-    labels[11:13, 19, 3] = 1
-    assert nonzero_box(labels) == (slice(4, 13), slice(7, 20), slice(3, 10))

@@ -13,7 +13,13 @@ import pytest
 from conftest import blob_case, make_grid
 
 from medseg.errors import InputError
-from medseg.review.page import empty_organs, mean_dice, render_page, review_rows, write_review_page
+from medseg.review.page import (
+    empty_organs,
+    mean_dice,
+    render_page,
+    review_rows,
+    write_review_page,
+)
 
 NAN = float("nan")
 
@@ -114,9 +120,9 @@ def predictions(tmp_path_factory) -> Path:
     (0.8), 'poor' the rectum and both femoral heads (0.4). No model is trained.
     """
     from medseg.config import load_task
+    from medseg.infer.batch import PredictOptions, write_outputs
     from medseg.infer.predictor import Segmentation
     from medseg.io import write_label_map
-    from medseg.infer.batch import PredictOptions, write_outputs
 
     task = load_task("prostate")
     out = tmp_path_factory.mktemp("predictions")

@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torchio as tio
-
-from medseg.io import from_array
-from medseg.data.preprocess import (ChannelIntensity, Preprocessing, model_grid, normalize_, preprocess, to_model_grid, to_subject)
-
 from conftest import make_grid
+
+from medseg.data.preprocess import (
+    ChannelIntensity,
+    Preprocessing,
+    model_grid,
+    normalize_,
+    preprocess,
+    to_model_grid,
+    to_subject,
+)
+from medseg.io import from_array
 
 CT = Preprocessing((1.5, 1.5, 3.0), "dataset", (ChannelIntensity((-200.0, 300.0), 40.0, 60.0),))
 MR = Preprocessing((1.3, 1.7, 2.0), "image", (ChannelIntensity(None, 0.0, 1.0), ChannelIntensity(None, 0.0, 1.0)))

@@ -12,10 +12,9 @@ import pytest
 from conftest import blob_case, make_grid
 
 from medseg.cli import main
+from medseg.config import CASE_ORGAN
 from medseg.errors import InputError
-from medseg.config import CASE_ORGAN, read_labels_file
 from medseg.evaluate.cases import ORGAN_METRICS, evaluate_pairs
-from medseg.evaluate.matching import match_cases
 from medseg.io import write_label_map
 
 PROSTATE_ORGANS = ["prostate", "bladder", "rectum", "femoral_head_left", "femoral_head_right"]
@@ -26,24 +25,6 @@ def run_cli(args: list[str]) -> int:
         return main([str(a) for a in args])
     except SystemExit as done:  # typer exits itself on success
         return done.code or 0
-
-
-@pytest.fixture
-def folders(tmp_path: Path) -> tuple[Path, Path]:
-    """refs/case_{0,1,2}.nii.gz and preds/case_{0,1}_seg.nii.gz + stray_seg.nii.gz: each prediction
-    is its reference shifted by one voxel along x, with the rectum (3) missing in case_1."""
-    grid = make_grid("LPS", shape=(40, 36, 24))
-    refs, preds = tmp_path / "refs", tmp_path / "preds"
-    for seed in range(3):
-        _, labels = blob_case(grid, seed)
-        write_label_map(labels, grid, refs / f"case_{seed}.nii.gz")
-        if seed < 2:
-            pred = np.roll(labels, 1, axis=0)
-            if seed == 1:
-                pred[pred == 3] = 0
-            write_label_map(pred, grid, preds / f"case_{seed}_seg.nii.gz")
-    write_label_map(labels, grid, preds / "stray_seg.nii.gz")
-    return preds, refs
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -139,27 +120,6 @@ def test_grid_mismatch_in_the_api(tmp_path):
         evaluate_pairs([("a", pred, ref)], {1: "prostate"})
 
 
-def test_match_cases_strips_seg_and_reports_missing(folders):
-    preds, refs = folders
-    pairs, lone_preds, lone_refs = match_cases(preds, refs)
-    assert [(case, p.name, r.name) for case, p, r in pairs] == [
-        ("case_0", "case_0_seg.nii.gz", "case_0.nii.gz"), ("case_1", "case_1_seg.nii.gz", "case_1.nii.gz")]
-    assert (lone_preds, lone_refs) == (["stray"], ["case_2"])
-
-
-@pytest.mark.parametrize("text, message", [
-    pytest.param('{"1": 2}', "must map", id="number-to-number"),
-    pytest.param('{"1": "a", "2": "a"}', "repeated", id="repeated-name"),
-    pytest.param('{"0": "background"}', "names no organ", id="background-only"),
-    pytest.param('[1, 2]', "expected a mapping", id="list"),
-])
-def test_bad_labels_files(tmp_path, text, message):
-    path = tmp_path / "labels.json"
-    path.write_text(text)
-    with pytest.raises(InputError, match=message):
-        read_labels_file(path)
-
-
 def test_dataset_reference_skips_uncontoured_organs(folders, tmp_path, capsys):
     """--ref a dataset folder: case_1 did not contour the rectum (its prediction misses it too), so the
     rectum is scored on case_0 alone; organ names come from the dataset.json."""
@@ -189,14 +149,3 @@ def test_dataset_reference_skips_uncontoured_organs(folders, tmp_path, capsys):
     assert "case_2" not in {r["case"] for r in rows}  # a dataset case without a prediction is not an error
 
 
-def test_a_predict_output_folder_is_matched_by_its_masks_alone(folders):
-    """Probability maps and 3D Slicer copies beside the `_seg` masks are not predictions."""
-    preds, refs = folders
-    (preds / "stray_seg.nii.gz").unlink()
-    grid = make_grid("LPS", shape=(40, 36, 24))
-    _, labels = blob_case(grid, 0)
-    write_label_map(labels, grid, preds / "case_0.seg.nrrd")
-    write_label_map(labels, grid, preds / "case_0_prob_bladder.nii.gz")
-    pairs, lone_preds, lone_refs = match_cases(preds, refs)
-    assert [(name, p.name) for name, p, _ in pairs] == [("case_0", "case_0_seg.nii.gz"), ("case_1", "case_1_seg.nii.gz")]
-    assert lone_preds == [] and lone_refs == ["case_2"]

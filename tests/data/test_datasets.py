@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import edit_json, make_msd
+
 from medseg.config import load_task
 from medseg.data.datasets import Case, load_dataset
 from medseg.data.fingerprint import check_dataset

@@ -11,8 +11,8 @@ import SimpleITK as sitk
 from medseg.config import load_task, sample_data_dir
 from medseg.data.datasets import load_dataset
 from medseg.data.fingerprint import check_dataset
-from medseg.io import orientation_code, read_image, read_label
 from medseg.data.phantom import sample_case
+from medseg.io import orientation_code, read_image, read_label
 
 BUNDLED = sample_data_dir("prostate")
 

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from medseg.cli import main
-from medseg.io import read_image, write_image
-from medseg.infer.batch import find_model
-
 from conftest import blob_case, make_grid
 from test_io import write_dicom_series
+
+from medseg.cli import main
+from medseg.infer.batch import find_model
+from medseg.io import read_image, write_image
 
 
 def digest(path: Path) -> str:
@@ -117,13 +116,12 @@ def test_no_model_says_how_to_train(tmp_path):
 def test_overlays_cut_to_the_organs_are_the_same_pictures(orientation, tmp_path):
     """`medseg predict` draws from the organs' box plus margin: the PNGs must not change by a byte."""
     import yaml
+    from conftest import TINY_TASK
 
     from medseg.config import parse_task
+    from medseg.infer.batch import around_organs
     from medseg.infer.predictor import Segmentation
     from medseg.review.overlays import write_overlays
-    from medseg.infer.batch import around_organs
-
-    from conftest import TINY_TASK
 
     task = parse_task(yaml.safe_load(TINY_TASK), "tiny.yaml")
     grid = make_grid(orientation, shape=(120, 110, 40), spacing=(1.0, 1.0, 2.0))

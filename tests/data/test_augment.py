@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torchio as tio
-
-from medseg.data.augment import build_augmentation, flip_left_right
-from medseg.config import Augmentation, FlipAug, load_task
-from medseg.data.preprocess import ChannelIntensity, Preprocessing, preprocess
-
 from conftest import blob_case, make_grid
+
+from medseg.config import Augmentation, FlipAug, load_task
+from medseg.data.augment import build_augmentation, flip_left_right
+from medseg.data.preprocess import ChannelIntensity, Preprocessing, preprocess
 
 LEFT, RIGHT = 4, 5
 

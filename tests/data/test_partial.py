@@ -8,13 +8,17 @@ import pytest
 import torch
 import torchio as tio
 import yaml
-
-from medseg.data.augment import flip_left_right
-from medseg.config import Augmentation, FlipAug, Sampling, parse_task
-from medseg.data.partial import CONTOURED, case_weights, contoured_mask, uncontoured_organs
-from medseg.data.patches import patch_batches
-
 from conftest import TINY_TASK
+
+from medseg.config import Augmentation, FlipAug, Sampling, parse_task
+from medseg.data.augment import flip_left_right
+from medseg.data.partial import (
+    CONTOURED,
+    case_weights,
+    contoured_mask,
+    uncontoured_organs,
+)
+from medseg.data.patches import patch_batches
 
 TASK = parse_task(yaml.safe_load(TINY_TASK), "tiny.yaml")  # 1 prostate .. 4 femoral_head_left, 5 right
 
