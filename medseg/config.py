@@ -150,8 +150,10 @@ class Schedule:
     lr_schedule: Literal["poly", "cosine"] = "poly"
     poly_exponent: float = 0.9
     grad_clip: float = 12.0  # max gradient norm (nnU-Net)
-    validate_every: int = 5  # epochs between full-volume validations
-    max_minutes: float | None = None  # wall-clock budget; the LR schedule is stretched to it
+    validate_every: int = 5  # epochs between full-volume validations (a time budget may space them further)
+    validation_cases: int | None = None  # validate on at most this many of the held-out cases; None: all
+    max_minutes: float | None = None  # wall-clock budget of the whole run; the LR schedule is fitted to it
+    ema_decay: float | None = None  # validate and save an exponential moving average of the weights; None: off
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,9 @@ def _check(task: Task, source: str) -> None:
                 raise ConfigError(f"{source}: key 'augmentation.flip.axes' must list LR, AP or SI, got {axis!r}")
     if task.schedule.epochs < 1 or task.schedule.steps_per_epoch < 1 or task.schedule.batch_size < 1:
         raise ConfigError(f"{source}: keys 'schedule.epochs', 'steps_per_epoch' and 'batch_size' must be >= 1")
+    ema, cases = task.schedule.ema_decay, task.schedule.validation_cases
+    if ema is not None and not 0 < ema < 1 or cases is not None and cases < 1:
+        raise ConfigError(f"{source}: key 'schedule.ema_decay' must be in (0, 1) and 'schedule.validation_cases' >= 1")
 
 
 def task_to_dict(task: Task) -> dict:

@@ -16,7 +16,6 @@ summary leaves `inf` out of mean/std/median and counts it as `n_inf`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Union
 
 import numpy as np

@@ -15,6 +15,7 @@ every rank takes the same `--max-minutes` decisions and none is left waiting in 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -33,13 +34,15 @@ from medseg.data.patches import load_subject, make_split, patch_batches
 from medseg.data.preprocess import resolve_preprocessing
 from medseg.distributed import World
 from medseg.errors import InputError
+from medseg.io import write_text
 from medseg.model.folder import (CONFIG_NAME, RunConfig, load_checkpoint, read_run_config, save_checkpoint,
                                  write_run_config)
 from medseg.model.networks import build_network, plan_network
 from medseg.runtime import prepare_network, resolve_device, resolve_precision
 from medseg.train.runfolder import (MetricsTable, TensorBoard, make_logger, rng_state, set_rng_state,
                                     silent_logger)
-from medseg.train.steps import Progress, learning_rate, make_loss, make_optimizer, train_one_epoch
+from medseg.train.budget import Budget, Plan, make_plan
+from medseg.train.steps import Progress, WeightAverage, learning_rate, make_loss, make_optimizer, train_one_epoch
 from medseg.train.validation import validate
 
 
@@ -142,24 +145,37 @@ class _Training:
     optimizer: torch.optim.Optimizer
     batches: Any  # iterator of patch batches
     validation: list  # this rank's validation subjects
+    budget: Budget
     progress: Progress = field(default_factory=Progress)
+    average: WeightAverage | None = None  # EMA of the weights (schedule.ema_decay)
     table: MetricsTable | None = None
     board: TensorBoard | None = None
+    validation_seconds: float = 0.0  # the last validation's, or its estimate
+    validate_every: int = 1  # epochs between intermediate validations (the task's, then the plan's)
+    plan: Plan | None = None
+    preprocessing_seconds: float = 0.0
 
     @property
     def total_steps(self) -> int:
         return self.config.epochs * self.config.task.schedule.steps_per_epoch
 
-    @property
-    def budget(self) -> float | None:
-        return self.config.max_minutes * 60 if self.config.max_minutes else None
-
     def fraction(self) -> float:
-        return self.progress.fraction(self.total_steps, self.budget)
+        """The schedule's progress: steps done of those planned, or the budget spent (the reserve included).
+
+        The slowest rank's value, so that every rank takes the same decisions at the same step.
+        """
+        return self.world.max(max(self.progress.step / self.total_steps, self.budget.fraction()))
+
+    def weights(self) -> dict:
+        """The weights that are validated and saved as the model: the average where there is one."""
+        return self.average.state_dict(self.network) if self.average else self.network.state_dict()
 
     def checkpoint(self, name: str, rng_states: list[dict]) -> None:
+        self.progress.wall_seconds = self.budget.elapsed()
         state = {"model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "progress": vars(self.progress).copy(), "rng": rng_states[0]}
+        if self.average:
+            state["average"] = self.average.to_dict()
         if len(rng_states) > 1:
             state["rng_ranks"] = rng_states
         save_checkpoint(self.folder / name, state)
@@ -192,10 +208,11 @@ def _load_subjects(config: RunConfig, folder: Path, world: World) -> tuple[list,
         raise InputError(f"{len(split['train'])} training cases cannot be shared among {world.size} "
                          f"processes; start at most {len(split['train'])}")
     load = lambda name: load_subject(cases[name], config.preprocessing, config.task, folder / "cache")  # noqa: E731
-    return [load(n) for n in world.shard(split["train"])], [load(n) for n in world.shard(split["validation"])]
+    validation = split["validation"][:config.task.schedule.validation_cases]  # the same cases every time
+    return [load(n) for n in world.shard(split["train"])], [load(n) for n in world.shard(validation)]
 
 
-def _start(options: TrainOptions, world: World) -> _Training:
+def _start(options: TrainOptions, world: World, budget: Budget) -> _Training:
     """Open the run, load the cases, build (or restore) network and optimiser on this rank."""
     folder, config = world.from_main(lambda: _open_run(options))
     log = make_logger(folder) if world.is_main else silent_logger()
@@ -204,45 +221,87 @@ def _start(options: TrainOptions, world: World) -> _Training:
     _seed(options.seed + world.rank)  # sampling differs per rank; DDP gives all ranks rank 0's initial weights
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    start = time.perf_counter()
+    budget.seconds = config.max_minutes * 60 if config.max_minutes else None
     train_subjects, val_subjects = _load_subjects(config, folder, world)
+    preprocessing_seconds = budget.elapsed()
     shared = f", shared among {world.size} processes" if world.size > 1 else ""
     log.info(f"{task.name}: {len(config.split['train'])} training / {len(config.split['validation'])} validation "
              f"cases from {config.data}{shared}; spacing {config.preprocessing.spacing} mm, patch {task.patch_size}, "
-             f"{plan.name} {plan.filters}; preprocessed in {time.perf_counter() - start:.1f} s on {device} ({precision})")
+             f"{plan.name} {plan.filters}; preprocessed in {preprocessing_seconds:.1f} s on {device} ({precision})")
     network = prepare_network(build_network(plan), device, precision, training=True)
-    optimizer = make_optimizer(task, network)
-    progress = Progress()
+    run = _Training(folder, config, world, precision, log, network, network, make_optimizer(task, network),
+                    patch_batches(train_subjects, task, device), val_subjects, budget,
+                    preprocessing_seconds=preprocessing_seconds, validate_every=task.schedule.validate_every,
+                    average=WeightAverage(network, task.schedule.ema_decay) if task.schedule.ema_decay else None,
+                    table=MetricsTable(folder / "metrics.csv", list(task.label_names.values())) if world.is_main else None,
+                    board=TensorBoard(folder) if world.is_main else None)
     if options.resume and (folder / "last.pt").is_file():  # every rank reads it: the run folder is shared
-        state = load_checkpoint(folder / "last.pt")
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        progress = Progress(**state["progress"])
-        _restore_rng(state, world, options.seed)
-        log.info(f"resumed from epoch {progress.epoch}, step {progress.step}")
-    model = network
+        _restore(run, load_checkpoint(folder / "last.pt"), options.seed)
     if world.size > 1:  # starts every rank from rank 0's weights, then averages the gradients of each step
-        model = torch.nn.parallel.DistributedDataParallel(
+        run.model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None)
-    model = torch.compile(model) if options.compile else model
-    table = MetricsTable(folder / "metrics.csv", list(task.label_names.values())) if world.is_main else None
-    return _Training(folder, config, world, precision, log, network, model, optimizer,
-                     patch_batches(train_subjects, task, device), val_subjects, progress, table,
-                     TensorBoard(folder) if world.is_main else None)
+    run.model = torch.compile(run.model) if options.compile else run.model
+    return run
+
+
+def _restore(run: _Training, state: dict, seed: int) -> None:
+    """Continue from last.pt: weights, optimiser, average, progress (and the time already spent), random streams."""
+    run.network.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.average and "average" in state:
+        run.average.load(state["average"])
+    run.progress = Progress(**state["progress"])
+    run.budget.used_before = run.progress.wall_seconds
+    _restore_rng(state, run.world, seed)
+    run.log.info(f"resumed from epoch {run.progress.epoch}, step {run.progress.step} "
+                 f"({run.progress.wall_seconds / 60:.1f} min of the budget spent)")
+
+
+def _validate(run: _Training, subjects: list | None = None) -> dict[str, float]:
+    """Validation Dice per organ with the weights that are saved; its seconds become the reserve."""
+    start = time.perf_counter()
+    subjects = run.validation if subjects is None else subjects
+    args = (run.config.task, run.config.network, run.world.device, run.world, run.precision)
+    if run.average:
+        with run.average.applied(run.network):
+            scores = validate(run.network, subjects, *args)
+    else:
+        scores = validate(run.network, subjects, *args)
+    seconds = run.world.max(time.perf_counter() - start) * (len(run.validation) / max(len(subjects), 1))
+    run.validation_seconds = seconds
+    if run.budget.seconds:
+        run.budget.reserve = seconds
+    return scores
+
+
+def _make_plan(run: _Training, step_seconds: list[float]) -> None:
+    """The plan for the rest of the run, from the first epoch's measured steps; logged and saved."""
+    schedule = run.config.task.schedule
+    context = {"device": str(run.world.device), "precision": run.precision,
+               "preprocessing_seconds": round(run.preprocessing_seconds, 1),
+               "validation_cases": len(run.config.split["validation"][:schedule.validation_cases])}
+    run.plan = make_plan(run.budget, run.config.epochs - run.progress.epoch, schedule.steps_per_epoch,
+                         float(np.median(step_seconds)), run.validation_seconds, schedule.validate_every, context,
+                         steps_done=run.progress.step)
+    run.validate_every = run.plan.validate_every
+    run.log.info(run.plan.summary())
+    if run.world.is_main:
+        write_text(json.dumps(run.plan.to_dict(), indent=2), run.folder / "plan.json")
 
 
 def _epoch(run: _Training, loss_fn, show_bar: bool) -> None:
-    """One epoch of steps, validation when due, then the checkpoints, the table and the log line."""
+    """One epoch of steps, validation when due and when it fits, then checkpoints, table and log line."""
     task, progress, world = run.config.task, run.progress, run.world
     epoch_start = time.perf_counter()
-    loss = train_one_epoch(run.model, run.batches, loss_fn, run.optimizer, task, progress, run.total_steps,
-                           run.budget, world.device, show_bar, world, run.precision)
+    loss, step_seconds = train_one_epoch(run.model, run.batches, loss_fn, run.optimizer, task, progress, run.fraction,
+                                         world.device, show_bar, world, run.precision, run.average)
     loss = world.mean(loss)
     progress.epoch += 1
+    if run.plan is None and step_seconds:
+        _make_plan(run, step_seconds)
     done = progress.epoch >= run.config.epochs or run.fraction() >= 1.0
-    scores = {}
-    if progress.epoch % task.schedule.validate_every == 0 or done:
-        scores = validate(run.network, run.validation, task, run.config.network, world.device, world, run.precision)
+    due = progress.epoch % run.validate_every == 0 and world.max(float(run.budget.fits(run.validation_seconds))) > 0
+    scores = _validate(run) if done or due else {}
     mean = float(np.nanmean(list(scores.values()))) if scores else None
     improved = mean is not None and mean > progress.best_dice
     if improved:
@@ -253,8 +312,7 @@ def _epoch(run: _Training, loss_fn, show_bar: bool) -> None:
            **{f"dice_{k}": v for k, v in scores.items()}}
     if world.is_main:
         if improved:
-            save_checkpoint(run.folder / "best.pt",
-                            {"model": run.network.state_dict(), "epoch": progress.epoch, "mean_dice": mean})
+            save_checkpoint(run.folder / "best.pt", {"model": run.weights(), "epoch": progress.epoch, "mean_dice": mean})
         run.checkpoint("last.pt", rng_states)
         run.table.append(row)
         run.table.plot(run.folder / "training_curve.png")
@@ -263,11 +321,14 @@ def _epoch(run: _Training, loss_fn, show_bar: bool) -> None:
     dice_text = (f", val Dice {mean:.3f} (" + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + ")"
                  if scores else "")
     run.log.info(f"epoch {progress.epoch}/{run.config.epochs} step {progress.step}: loss {loss:.4f}{dice_text}, "
-                 f"lr {row['lr']:.2g}, {row['seconds']:.1f} s")
+                 f"lr {row['lr']:.2g}, {row['seconds']:.1f} s, {run.budget.elapsed() / 60:.1f} min of the run")
 
 
 def fit(options: TrainOptions, world: World | None = None) -> Path:
     """Train (or resume) one run; returns the run folder.
+
+    With a time budget (`--max-minutes`, or the task's `schedule.max_minutes`) the clock starts here:
+    preprocessing, steps, validation and the final model all count (`medseg.train.budget`).
 
     Args:
         options: the run's runtime choices.
@@ -276,9 +337,12 @@ def fit(options: TrainOptions, world: World | None = None) -> Path:
     """
     import sys
 
+    budget = Budget(None)
     world = world or World(resolve_device(options.device))
-    run = _start(options, world)
+    run = _start(options, world, budget)
     loss_fn = make_loss(run.config.task, run.config.network)
+    if budget.seconds:  # one case timed: the final validation's time is kept back from the steps
+        _validate(run, run.validation[:1])
     show_bar = sys.stderr.isatty() and world.is_main
     try:
         while run.progress.epoch < run.config.epochs and run.fraction() < 1.0:
@@ -294,7 +358,7 @@ def fit(options: TrainOptions, world: World | None = None) -> Path:
             run.board.close()
     # No validation ran (e.g. a zero budget): the last weights serve.
     if world.is_main and not (run.folder / "best.pt").is_file():
-        save_checkpoint(run.folder / "best.pt",
-                        {"model": run.network.state_dict(), "epoch": run.progress.epoch, "mean_dice": -1.0})
-    run.log.info(f"done: best validation mean Dice {run.progress.best_dice:.3f}; model folder {run.folder}")
+        save_checkpoint(run.folder / "best.pt", {"model": run.weights(), "epoch": run.progress.epoch, "mean_dice": -1.0})
+    run.log.info(f"done: best validation mean Dice {run.progress.best_dice:.3f}; {run.budget.elapsed() / 60:.1f} min "
+                 f"wall-clock; model folder {run.folder}")
     return run.folder

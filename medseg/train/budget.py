@@ -1,0 +1,138 @@
+"""A time budget that means wall-clock, and the plan made for it.
+
+`--max-minutes` bounds the whole run: preprocessing, optimisation steps, validation and the final
+model. The clock starts when `fit` starts. Time kept back for the last validation (the `reserve`) is
+counted as spent, so the learning-rate schedule reaches zero early enough for that validation to end
+inside the budget; an intermediate validation runs only where it fits beside the reserve.
+
+The plan is made once the run has measured itself: preprocessing seconds, the median step time of the
+first epoch and the time of a validation (one case timed, times the cases). It says how many steps
+and validations the budget holds and why, is written to `plan.json` in the run folder and logged.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the CPU's fp32 and bf16 speed
+MIN_STEPS = 1000  # fewer planned steps than this: the plan warns that the model will be under-trained
+VALIDATION_SHARE = 0.10  # at most this share of the budget goes to intermediate validations
+
+
+@dataclass
+class Budget:
+    """Wall-clock seconds of one run, across resumes; None seconds: no limit."""
+
+    seconds: float | None
+    used_before: float = 0.0  # wall seconds spent by earlier sessions of this run (resume)
+    reserve: float = 0.0  # seconds kept for what must follow the last step (the final validation)
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.used_before + time.perf_counter() - self.started
+
+    def fraction(self) -> float:
+        """Share of the budget spent, the reserve counted as spent; 0 without a budget."""
+        return (self.elapsed() + self.reserve) / self.seconds if self.seconds else 0.0
+
+    def fits(self, seconds: float) -> bool:
+        """Whether `seconds` more work still leaves the reserve inside the budget."""
+        return self.seconds is None or self.elapsed() + seconds + self.reserve <= self.seconds
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """Which of `CPU_FLAGS` this CPU has (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path(cpuinfo).read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name, e.g. 'AMD EPYC 9R14' (the machine type where it cannot be read)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path(cpuinfo).read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.machine()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a run spends its budget, with the figures it was made from and the reasons."""
+
+    budget_minutes: float | None
+    device: str
+    precision: str
+    threads: int
+    cpu: str
+    cpu_flags: list[str]
+    preprocessing_seconds: float
+    step_seconds: float  # median of the first epoch's steps
+    validation_seconds: float  # one validation, estimated from one case
+    validation_cases: int
+    steps_planned: int  # steps the budget holds after preprocessing and validations
+    validations_planned: int
+    validate_every: int  # epochs between intermediate validations
+    reasons: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        budget = f"{self.budget_minutes:g} min" if self.budget_minutes else "no time limit"
+        return (f"plan ({budget}, {self.device} {self.precision}, {self.threads} threads): preprocessing "
+                f"{self.preprocessing_seconds:.0f} s, {self.step_seconds:.2f} s a step -> {self.steps_planned} steps, "
+                f"{self.validations_planned} validations of {self.validation_cases} cases at "
+                f"{self.validation_seconds:.0f} s; " + "; ".join(self.reasons))
+
+
+def make_plan(budget: Budget, epochs_left: int, steps_per_epoch: int, step_seconds: float,
+              validation_seconds: float, validate_every: int, context: dict, steps_done: int = 0) -> Plan:
+    """Steps and validations for what is left of the budget, from measured step and validation times.
+
+    Intermediate validations are spread so that together they take at most `VALIDATION_SHARE` of the
+    budget (at least every `validate_every` epochs, as the task asks); the final validation is the
+    reserve. Without a budget every epoch runs and validations follow the task.
+    """
+    reasons = []
+    steps_by_epochs = epochs_left * steps_per_epoch
+    if budget.seconds is None:
+        steps, every = steps_by_epochs, validate_every
+        reasons.append("no time limit: every planned epoch runs")
+    else:
+        left = max(0.0, budget.seconds - budget.elapsed() - validation_seconds)
+        epoch_seconds = steps_per_epoch * step_seconds
+        affordable = max(0, int(VALIDATION_SHARE * budget.seconds / max(validation_seconds, 1e-6)))
+        epochs_in_time = left / max(epoch_seconds, 1e-6)
+        every = max(validate_every, int(epochs_in_time / affordable) + 1 if affordable else 10**9)
+        left -= validation_seconds * int(epochs_in_time / every)
+        steps = min(steps_by_epochs, int(left / max(step_seconds, 1e-6)))
+        reasons.append(f"validation every {every} epochs keeps it under {VALIDATION_SHARE:.0%} of the budget"
+                       if every < 10**9 else "no intermediate validation fits: only the final one")
+        reasons.append("the budget ends the run before the planned epochs" if steps < steps_by_epochs
+                       else "the planned epochs end before the budget")
+    steps += steps_done
+    if steps < MIN_STEPS:
+        faster = "a GPU" if context.get("precision") == "bf16" else "a CPU with bf16 units or a GPU"
+        reasons.append(f"only {steps} steps (< {MIN_STEPS}): expect an under-trained model; give more minutes or "
+                       f"{faster}")
+    validations = 1 + ((steps - steps_done) // steps_per_epoch) // every if every < 10**9 else 1
+    return Plan(budget_minutes=budget.seconds / 60 if budget.seconds else None, cpu=cpu_name(), cpu_flags=cpu_flags(),
+                threads=_threads(), step_seconds=round(step_seconds, 3),
+                validation_seconds=round(validation_seconds, 1), steps_planned=int(steps),
+                validations_planned=int(validations), validate_every=int(min(every, 10**6)), reasons=reasons,
+                **context)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -1,0 +1,63 @@
+"""medseg.train.budget: a budget that means wall-clock, and the plan made for it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from medseg.train import TrainOptions, fit
+from medseg.train.budget import VALIDATION_SHARE, Budget, cpu_flags, make_plan
+
+
+def test_the_reserve_counts_as_spent():
+    budget = Budget(100.0, used_before=40.0, reserve=10.0)
+    assert budget.fraction() == pytest.approx(0.5, abs=1e-3)
+    assert budget.fits(49.0) and not budget.fits(51.0)
+    assert Budget(None).fraction() == 0.0 and Budget(None).fits(1e9)
+
+
+@pytest.mark.parametrize("validation_seconds", [5.0, 30.0, 200.0])
+def test_plan_fits_steps_and_validations_in_the_budget(validation_seconds):
+    budget = Budget(600.0, used_before=60.0, reserve=validation_seconds)
+    plan = make_plan(budget, epochs_left=1000, steps_per_epoch=50, step_seconds=1.0,
+                     validation_seconds=validation_seconds, validate_every=1,
+                     context={"device": "cpu", "precision": "fp32", "preprocessing_seconds": 60.0, "validation_cases": 5})
+    intermediate = plan.validations_planned - 1
+    assert intermediate * validation_seconds <= VALIDATION_SHARE * 600 + 1e-6
+    spent = 60 + plan.steps_planned * 1.0 + plan.validations_planned * validation_seconds
+    assert 600 - 50 - validation_seconds <= spent <= 600  # the steps fill the budget, to an epoch
+    assert plan.steps_planned < 1000 * 50 and plan.validate_every >= 1
+    assert json.loads(json.dumps(plan.to_dict()))["step_seconds"] == 1.0
+
+
+def test_a_short_budget_says_the_model_will_be_under_trained():
+    plan = make_plan(Budget(60.0), 100, 50, 1.0, 1.0, 1, {"device": "cpu", "precision": "fp32",
+                                                          "preprocessing_seconds": 0.0, "validation_cases": 1})
+    assert any("under-trained" in reason for reason in plan.reasons)
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu avx2 avx512f sse\n")
+    assert cpu_flags(cpuinfo) == ["avx2", "avx512f"]
+    assert cpu_flags(tmp_path / "missing") == []
+
+
+def test_a_budgeted_run_ends_inside_its_wall_clock_budget(tiny_dataset, tmp_path):
+    """Preprocessing, steps, validations and the final model together stay inside --max-minutes."""
+    root, task = tiny_dataset
+    budget_seconds = 12.0
+    start = time.perf_counter()
+    folder = fit(TrainOptions(task=task, data=root, out=tmp_path / "run", epochs=10_000,
+                              max_minutes=budget_seconds / 60))
+    wall = time.perf_counter() - start
+    assert wall <= budget_seconds * 1.15 + 2.0, f"{wall:.1f} s for a {budget_seconds:.0f} s budget"
+    plan = json.loads((folder / "plan.json").read_text())
+    assert plan["budget_minutes"] == pytest.approx(0.2) and plan["steps_planned"] > 0
+    assert plan["step_seconds"] > 0 and plan["validation_cases"] >= 1
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    assert int(rows[-1].split(",")[1]) >= 10  # it trained, and stopped by time, not by epochs
+    assert rows[-1].split(",")[-3] != ""  # the last epoch was validated (the final validation)
+    assert (folder / "best.pt").is_file()
