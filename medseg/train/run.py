@@ -289,8 +289,11 @@ def _make_plan(run: _Training, step_seconds: list[float]) -> None:
         write_text(json.dumps(run.plan.to_dict(), indent=2), run.folder / "plan.json")
 
 
-def _epoch(run: _Training, loss_fn, show_bar: bool) -> None:
-    """One epoch of steps, validation when due and when it fits, then checkpoints, table and log line."""
+def _epoch(run: _Training, loss_fn, show_bar: bool) -> bool:
+    """One epoch of steps, validation when due and when it fits, then checkpoints, table and log line.
+
+    Returns whether it was the last: that one is always validated.
+    """
     task, progress, world = run.config.task, run.progress, run.world
     epoch_start = time.perf_counter()
     loss, step_seconds = train_one_epoch(run.model, run.batches, loss_fn, run.optimizer, task, progress, run.fraction,
@@ -301,7 +304,9 @@ def _epoch(run: _Training, loss_fn, show_bar: bool) -> None:
         _make_plan(run, step_seconds)
     done = progress.epoch >= run.config.epochs or run.fraction() >= 1.0
     due = progress.epoch % run.validate_every == 0 and world.max(float(run.budget.fits(run.validation_seconds))) > 0
+    validation_start = time.perf_counter()
     scores = _validate(run) if done or due else {}
+    validation_seconds = time.perf_counter() - validation_start if scores else 0.0
     mean = float(np.nanmean(list(scores.values()))) if scores else None
     improved = mean is not None and mean > progress.best_dice
     if improved:
@@ -309,6 +314,7 @@ def _epoch(run: _Training, loss_fn, show_bar: bool) -> None:
     rng_states = world.gather(rng_state())
     row = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss, "mean_dice": mean,
            "lr": learning_rate(task, run.fraction()), "seconds": time.perf_counter() - epoch_start,
+           "step_seconds": sum(step_seconds), "validation_seconds": validation_seconds,
            **{f"dice_{k}": v for k, v in scores.items()}}
     if world.is_main:
         if improved:
@@ -322,6 +328,7 @@ def _epoch(run: _Training, loss_fn, show_bar: bool) -> None:
                  if scores else "")
     run.log.info(f"epoch {progress.epoch}/{run.config.epochs} step {progress.step}: loss {loss:.4f}{dice_text}, "
                  f"lr {row['lr']:.2g}, {row['seconds']:.1f} s, {run.budget.elapsed() / 60:.1f} min of the run")
+    return done
 
 
 def fit(options: TrainOptions, world: World | None = None) -> Path:
@@ -345,8 +352,9 @@ def fit(options: TrainOptions, world: World | None = None) -> Path:
         _validate(run, run.validation[:1])
     show_bar = sys.stderr.isatty() and world.is_main
     try:
-        while run.progress.epoch < run.config.epochs and run.fraction() < 1.0:
-            _epoch(run, loss_fn, show_bar)
+        done = run.progress.epoch >= run.config.epochs or run.fraction() >= 1.0
+        while not done:
+            done = _epoch(run, loss_fn, show_bar)
     except KeyboardInterrupt:
         if world.is_main:  # no collective here: the other ranks may be gone; they start new streams on resume
             run.checkpoint("last.pt", [rng_state()])

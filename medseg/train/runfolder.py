@@ -43,7 +43,8 @@ class MetricsTable:
 
     def __init__(self, path: Path, organs: list[str]):
         self.path = path
-        self.columns = ["epoch", "step", "train_loss", *[f"dice_{o}" for o in organs], "mean_dice", "lr", "seconds"]
+        self.columns = ["epoch", "step", "train_loss", *[f"dice_{o}" for o in organs], "mean_dice", "lr", "seconds",
+                        "step_seconds", "validation_seconds"]
         self.rows: list[dict] = []
         if path.is_file():
             with path.open(newline="") as handle:

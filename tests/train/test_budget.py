@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 
@@ -57,7 +58,9 @@ def test_a_budgeted_run_ends_inside_its_wall_clock_budget(tiny_dataset, tmp_path
     plan = json.loads((folder / "plan.json").read_text())
     assert plan["budget_minutes"] == pytest.approx(0.2) and plan["steps_planned"] > 0
     assert plan["step_seconds"] > 0 and plan["validation_cases"] >= 1
-    rows = (folder / "metrics.csv").read_text().splitlines()
-    assert int(rows[-1].split(",")[1]) >= 10  # it trained, and stopped by time, not by epochs
-    assert rows[-1].split(",")[-3] != ""  # the last epoch was validated (the final validation)
+    with (folder / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert int(rows[-1]["step"]) >= 10  # it trained, and stopped by time, not by epochs
+    assert rows[-1]["mean_dice"] != "" and float(rows[-1]["validation_seconds"]) > 0  # the final validation
+    assert sum(float(r["step_seconds"]) + float(r["validation_seconds"]) for r in rows) < wall
     assert (folder / "best.pt").is_file()
