@@ -37,6 +37,7 @@ class RunConfig:
     fingerprint: dict[str, Any] = field(default_factory=dict)  # the training set's (medseg.data.fingerprint)
     epochs: int = 0  # planned epochs (the task's schedule unless overridden)
     max_minutes: float | None = None  # time budget; None: run every epoch
+    network_choice: dict[str, Any] = field(default_factory=dict)  # how the budget chose the width, if it did
     medseg_version: str = __version__
     created: str = field(default_factory=lambda: datetime.now().isoformat(timespec="seconds"))
 
@@ -45,7 +46,8 @@ class RunConfig:
         return {"medseg_version": self.medseg_version, "created": self.created, "task": task_to_dict(self.task),
                 "data": self.data, "split": self.split, "folds": self.folds,
                 "preprocessing": self.preprocessing.to_dict(), "network": self.network.to_dict(),
-                "fingerprint": self.fingerprint, "epochs": self.epochs, "max_minutes": self.max_minutes}
+                "fingerprint": self.fingerprint, "epochs": self.epochs, "max_minutes": self.max_minutes,
+                "network_choice": self.network_choice}
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = CONFIG_NAME) -> RunConfig:

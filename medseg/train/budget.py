@@ -82,6 +82,7 @@ class Plan:
     validations_planned: int
     validate_every: int  # epochs between intermediate validations
     reasons: list[str]
+    network: dict = field(default_factory=dict)  # the filters, and how the budget chose them where it did
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +92,7 @@ class Plan:
         return (f"plan ({budget}, {self.device} {self.precision}, {self.threads} threads): preprocessing "
                 f"{self.preprocessing_seconds:.0f} s, {self.step_seconds:.2f} s a step -> {self.steps_planned} steps, "
                 f"{self.validations_planned} validations of {self.validation_cases} cases at "
-                f"{self.validation_seconds:.0f} s; " + "; ".join(self.reasons))
+                f"{self.validation_seconds:.0f} s; " + "; ".join(self.reasons + [self.network.get("reason", "")]).rstrip("; "))
 
 
 def make_plan(budget: Budget, epochs_left: int, steps_per_epoch: int, step_seconds: float,
@@ -136,3 +137,62 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+# ------------------------------------------------------------------------- the network for the budget
+
+
+def measure_step(plan, task, device, precision: str, steps: int = 3) -> float:
+    """Median seconds of a training step of the network `plan` on random patches, after a warm-up step.
+
+    What a step costs depends on the shapes, not on the voxels, so random patches measure it before
+    any case is read.
+    """
+    import numpy as np
+    import torch
+
+    from medseg.model.networks import build_network
+    from medseg.runtime import prepare_network
+    from medseg.train.steps import make_loss, make_optimizer, train_step
+
+    network = prepare_network(build_network(plan), device, precision, training=True)
+    optimizer, loss_fn = make_optimizer(task, network), make_loss(task, plan)
+    shape = (task.schedule.batch_size, plan.in_channels, *plan.patch_size)
+    batch = {"image": torch.randn(shape), "label": torch.randint(0, plan.out_channels, (shape[0], 1, *shape[2:]))}
+    seconds = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        train_step(network, batch, loss_fn, optimizer, task, device, precision)
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds[1:]))
+
+
+def choose_width(task, plan_for, budget_seconds: float, device, precision: str) -> tuple[object, dict]:
+    """The widest network that gets `schedule.target_steps` steps done inside the budget.
+
+    Candidates are the task's filters, halved and quartered (at least 4 per level); each is timed
+    (`measure_step`) on this machine, in this precision, the widest first. What time is left for steps
+    is estimated as the budget less `VALIDATION_SHARE` for validation and 5% for preprocessing (the plan
+    made after the first epoch then counts both as measured). No candidate reaches the target: the
+    fastest serves.
+
+    Args:
+        plan_for: filters -> the `NetworkPlan` of a network with those filters.
+    Returns:
+        (the chosen plan, the record for plan.json: filters, seconds per step of each, the reason).
+    """
+    target = task.schedule.target_steps
+    usable = budget_seconds * (1 - VALIDATION_SHARE - 0.05)
+    widths = [tuple(max(4, f // k) for f in task.network.filters) for k in (1, 2, 4)]
+    measured, chosen = {}, None
+    for filters in dict.fromkeys(widths):
+        plan = plan_for(filters)
+        measured[str(list(filters))] = round(measure_step(plan, task, device, precision), 3)
+        chosen = plan
+        if usable / measured[str(list(filters))] >= target:
+            break
+    steps = int(usable / measured[str(list(chosen.filters))])
+    reached = "reaches" if steps >= target else "is the fastest and still falls short of"
+    reason = (f"filters {list(chosen.filters)}: ~{steps} steps in {budget_seconds / 60:g} min at "
+              f"{measured[str(list(chosen.filters))]:.2f} s a step {reached} the {target} the task asks for")
+    return chosen, {"filters": list(chosen.filters), "step_seconds": measured, "reason": reason}

@@ -19,7 +19,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from medseg.model.networks import build_network, plan_network
 from medseg.runtime import prepare_network, resolve_device, resolve_precision
 from medseg.train.runfolder import (MetricsTable, TensorBoard, make_logger, rng_state, set_rng_state,
                                     silent_logger)
-from medseg.train.budget import Budget, Plan, make_plan
+from medseg.train.budget import Budget, Plan, choose_width, make_plan
 from medseg.train.steps import Progress, WeightAverage, learning_rate, make_loss, make_optimizer, train_one_epoch
 from medseg.train.validation import validate
 
@@ -103,13 +103,21 @@ def _new_config(options: TrainOptions) -> RunConfig:
     split = make_split(labelled, options.folds, options.fold, options.seed)
     fingerprint = compute_fingerprint([cases[n] for n in split["train"]], task)
     prep = resolve_preprocessing(task, fingerprint)
-    plan = plan_network(task.network, len(task.channels), task.num_classes, task.patch_size, prep.spacing)
+    plan_for = lambda filters: plan_network(replace(task.network, filters=filters), len(task.channels),  # noqa: E731
+                                            task.num_classes, task.patch_size, prep.spacing)
+    plan = plan_for(task.network.filters)
     if any(p % d for p, d in zip(task.patch_size, plan.divisor)):
         raise InputError(f"patch_size {task.patch_size} must be a multiple of {plan.divisor} for this network")
+    minutes = options.max_minutes if options.max_minutes is not None else task.schedule.max_minutes
+    choice = {}
+    if task.schedule.target_steps and minutes:  # the widest network the budget trains far enough
+        device = resolve_device(options.device)
+        plan, choice = choose_width(task, plan_for, minutes * 60, device, resolve_precision(options.precision, device))
+        task = replace(task, network=replace(task.network, filters=plan.filters))
     return RunConfig(task=task, preprocessing=prep, network=plan, split=split, data=str(Path(data).resolve()),
                      folds={"folds": options.folds, "fold": options.fold, "seed": options.seed},
-                     fingerprint=fingerprint, epochs=options.epochs or task.schedule.epochs,
-                     max_minutes=options.max_minutes if options.max_minutes is not None else task.schedule.max_minutes)
+                     fingerprint=fingerprint, epochs=options.epochs or task.schedule.epochs, max_minutes=minutes,
+                     network_choice=choice)
 
 
 def _open_run(options: TrainOptions) -> tuple[Path, RunConfig]:
@@ -279,7 +287,8 @@ def _make_plan(run: _Training, step_seconds: list[float]) -> None:
     schedule = run.config.task.schedule
     context = {"device": str(run.world.device), "precision": run.precision,
                "preprocessing_seconds": round(run.preprocessing_seconds, 1),
-               "validation_cases": len(run.config.split["validation"][:schedule.validation_cases])}
+               "validation_cases": len(run.config.split["validation"][:schedule.validation_cases]),
+               "network": run.config.network_choice or {"filters": list(run.config.network.filters)}}
     run.plan = make_plan(run.budget, run.config.epochs - run.progress.epoch, schedule.steps_per_epoch,
                          float(np.median(step_seconds)), run.validation_seconds, schedule.validate_every, context,
                          steps_done=run.progress.step)

@@ -64,3 +64,23 @@ def test_a_budgeted_run_ends_inside_its_wall_clock_budget(tiny_dataset, tmp_path
     assert rows[-1]["mean_dice"] != "" and float(rows[-1]["validation_seconds"]) > 0  # the final validation
     assert sum(float(r["step_seconds"]) + float(r["validation_seconds"]) for r in rows) < wall
     assert (folder / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("target, expected", [(1, (4, 8, 16)), (10**9, (4, 4, 4))])
+def test_the_budget_chooses_the_widest_network_that_trains_far_enough(tiny_dataset, target, expected):
+    from dataclasses import replace
+
+    import torch
+
+    from medseg.config import load_task
+    from medseg.model.networks import plan_network
+    from medseg.train.budget import choose_width
+
+    task = load_task(tiny_dataset[1])
+    task = replace(task, schedule=replace(task.schedule, target_steps=target))
+    plan_for = lambda filters: plan_network(replace(task.network, filters=filters), 1, task.num_classes,  # noqa: E731
+                                            task.patch_size, (3.0, 3.0, 3.0))
+    plan, record = choose_width(task, plan_for, 60.0, torch.device("cpu"), "fp32")
+    assert plan.filters == expected and record["filters"] == list(expected)
+    assert all(seconds > 0 for seconds in record["step_seconds"].values())
+    assert ("falls short" in record["reason"]) == (target > 1)
