@@ -92,7 +92,8 @@ def train(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset folder; default: the task's bundled sample data."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder; default runs/<task>/<timestamp>."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the task's epochs."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Wall-clock budget; the LR schedule fits it."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Wall-clock budget of the whole run "
+                                                "(preprocessing, steps, validation); the LR schedule and validations fit it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Random seed for splits, sampling and weights."),
     folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds."),

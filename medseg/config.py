@@ -154,7 +154,7 @@ class Schedule:
     validation_cases: int | None = None  # validate on at most this many of the held-out cases; None: all
     max_minutes: float | None = None  # wall-clock budget of the whole run; the LR schedule is fitted to it
     ema_decay: float | None = None  # validate and save an exponential moving average of the weights; None: off
-    # with a time budget: the widest network (filters, halved, quartered) that gets this many steps done
+    # with a time budget: the wider network (the filters, or half of them) that gets this many steps done
     # inside it, timed on this machine before training (medseg.train.budget.choose_width); None: the filters as given
     target_steps: int | None = None
 

@@ -170,7 +170,8 @@ def measure_step(plan, task, device, precision: str, steps: int = 3) -> float:
 def choose_width(task, plan_for, budget_seconds: float, device, precision: str) -> tuple[object, dict]:
     """The widest network that gets `schedule.target_steps` steps done inside the budget.
 
-    Candidates are the task's filters, halved and quartered (at least 4 per level); each is timed
+    Candidates are the task's filters and half of them (at least 4 per level; narrower was not tried on
+    real data); each is timed
     (`measure_step`) on this machine, in this precision, the widest first. What time is left for steps
     is estimated as the budget less `VALIDATION_SHARE` for validation and 5% for preprocessing (the plan
     made after the first epoch then counts both as measured). No candidate reaches the target: the
@@ -183,7 +184,7 @@ def choose_width(task, plan_for, budget_seconds: float, device, precision: str) 
     """
     target = task.schedule.target_steps
     usable = budget_seconds * (1 - VALIDATION_SHARE - 0.05)
-    widths = [tuple(max(4, f // k) for f in task.network.filters) for k in (1, 2, 4)]
+    widths = [tuple(max(4, f // k) for f in task.network.filters) for k in (1, 2)]
     measured, chosen = {}, None
     for filters in dict.fromkeys(widths):
         plan = plan_for(filters)
