@@ -58,6 +58,31 @@ def keep_freed_memory(limit_bytes: int = _KEEP_BYTES) -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, limit_bytes))
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the CPU's fp32 and bf16 speed
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
+    """Which of `CPU_FLAGS` this CPU has (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return []
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name, e.g. 'AMD EPYC 9R14' (the machine type where it cannot be read)."""
+    import platform
+
+    try:
+        names = [line.partition(":")[2].strip() for line in Path(cpuinfo).read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.machine()
+
+
 def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether this CPU has bf16 arithmetic units (x86 AVX512-BF16 or AMX-BF16).
 
@@ -66,14 +91,7 @@ def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(callable(check) for check in checks):
         return any(check() for check in checks)
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
+    flags = set(cpu_flags(cpuinfo))
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 

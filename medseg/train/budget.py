@@ -12,13 +12,10 @@ and validations the budget holds and why, is written to `plan.json` in the run f
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the CPU's fp32 and bf16 speed
 MIN_STEPS = 1000  # fewer planned steps than this: the plan warns that the model will be under-trained
 VALIDATION_SHARE = 0.10  # at most this share of the budget goes to intermediate validations
 
@@ -42,26 +39,6 @@ class Budget:
     def fits(self, seconds: float) -> bool:
         """Whether `seconds` more work still leaves the reserve inside the budget."""
         return self.seconds is None or self.elapsed() + seconds + self.reserve <= self.seconds
-
-
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
-    """Which of `CPU_FLAGS` this CPU has (empty where /proc/cpuinfo cannot be read)."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path(cpuinfo).read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return [flag for flag in CPU_FLAGS if flag in flags]
-
-
-def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The CPU's model name, e.g. 'AMD EPYC 9R14' (the machine type where it cannot be read)."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path(cpuinfo).read_text().splitlines()
-                 if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.machine()
 
 
 @dataclass(frozen=True)
@@ -103,6 +80,10 @@ def make_plan(budget: Budget, epochs_left: int, steps_per_epoch: int, step_secon
     budget (at least every `validate_every` epochs, as the task asks); the final validation is the
     reserve. Without a budget every epoch runs and validations follow the task.
     """
+    import torch
+
+    from medseg.runtime import cpu_flags, cpu_name
+
     reasons = []
     steps_by_epochs = epochs_left * steps_per_epoch
     if budget.seconds is None:
@@ -127,16 +108,10 @@ def make_plan(budget: Budget, epochs_left: int, steps_per_epoch: int, step_secon
                        f"{faster}")
     validations = 1 + ((steps - steps_done) // steps_per_epoch) // every if every < 10**9 else 1
     return Plan(budget_minutes=budget.seconds / 60 if budget.seconds else None, cpu=cpu_name(), cpu_flags=cpu_flags(),
-                threads=_threads(), step_seconds=round(step_seconds, 3),
+                threads=torch.get_num_threads(), step_seconds=round(step_seconds, 3),
                 validation_seconds=round(validation_seconds, 1), steps_planned=int(steps),
                 validations_planned=int(validations), validate_every=int(min(every, 10**6)), reasons=reasons,
                 **context)
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 # ------------------------------------------------------------------------- the network for the budget

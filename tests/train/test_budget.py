@@ -9,7 +9,8 @@ import time
 import pytest
 
 from medseg.train import TrainOptions, fit
-from medseg.train.budget import VALIDATION_SHARE, Budget, cpu_flags, make_plan
+from medseg.runtime import cpu_flags
+from medseg.train.budget import VALIDATION_SHARE, Budget, make_plan
 
 
 def test_the_reserve_counts_as_spent():
