@@ -115,7 +115,8 @@ def bare_forward_seconds(network, windows: int, batch: int, roi) -> float:
 
     from medseg.infer.predictor import autocast
 
-    device = next(network.parameters()).device
+    # an OpenVINO network (`--backend openvino`, medseg.infer.backends) has no parameters and runs on the CPU
+    device = next(network.parameters()).device if isinstance(network, torch.nn.Module) else torch.device("cpu")
     data = torch.randn(batch, 1, *roi, device=device)
     with torch.inference_mode(), autocast(device):
         if device.type == "cuda":  # cuDNN picks its kernels on the first batch

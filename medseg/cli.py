@@ -38,6 +38,10 @@ PRECISION_HELP = ("auto, bf16 or fp32. auto: bf16 autocast where the CPU (AVX512
                   "natively, else fp32.")
 
 
+BACKEND_HELP = ("auto, torch or openvino: what runs the network. auto: OpenVINO on the CPU where it is installed "
+                "(pip install \"medseg[openvino]\"), else torch.")
+
+
 def _start_compute(precision: str) -> None:
     """Check --precision before any work, and let glibc keep freed memory (medseg.runtime)."""
     from medseg.runtime import PRECISIONS, keep_freed_memory
@@ -50,16 +54,61 @@ def _start_compute(precision: str) -> None:
 @app.command("sample-data")
 def sample_data(
     task: str = typer.Option("prostate", "--task", "-t", help="Task whose phantom to generate."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the dataset (MSD layout)."),
-    cases: int = typer.Option(16, "--cases", "-n", min=1, help="Training cases."),
-    test_cases: int = typer.Option(4, "--test-cases", min=0, help="Test cases (imagesTs/labelsTs)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the dataset (MSD layout), or a new folder for "
+                             "the DICOM patients."),
+    cases: int = typer.Option(16, "--cases", "-n", min=1, help="Training cases (DICOM: patients)."),
+    test_cases: Optional[int] = typer.Option(None, "--test-cases", min=0, help="Test cases (imagesTs/labelsTs); "
+                                             "default 4. NIfTI only."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the bundled set uses the default."),
+    format_: str = typer.Option("nifti", "--format", help="nifti: an MSD dataset. dicom: a clinic-style export, one "
+                               "folder per patient with a CT series and an RTSTRUCT (for import-dicom-rt)."),
 ) -> None:
     """Generate synthetic CT phantoms with labels (the bundled sample data is made this way)."""
+    if format_ == "dicom":
+        from medseg.data.phantom.clinic import write_clinic_folder
+
+        if test_cases is not None:
+            raise InputError("--test-cases applies to --format nifti; a DICOM export has --cases patients")
+        root = write_clinic_folder(out, task=task, n_cases=cases, seed=seed)
+        typer.echo(f"wrote {cases} patients (CT series + RTSTRUCT each) to {root}")
+        return
+    if format_ != "nifti":
+        raise InputError(f"--format '{format_}' is not one of nifti, dicom")
     from medseg.data.phantom import write_sample_dataset
 
+    test_cases = 4 if test_cases is None else test_cases
     root = write_sample_dataset(out, task=task, n_train=cases, n_test=test_cases, seed=seed)
     typer.echo(f"wrote {cases} training and {test_cases} test cases to {root}")
+
+
+@app.command("import-dicom-rt")
+def import_dicom_rt(
+    src: Path = typer.Argument(..., help="Folder of patients: CT series and RTSTRUCTs, any nesting and file names."),
+    out: Path = typer.Argument(..., help="New dataset folder (MSD layout); must not exist or be empty."),
+    task: str = typer.Option("prostate", "--task", "-t", help="Task name or file whose organs the structures fill."),
+    mapping: Optional[Path] = typer.Option(None, "--mapping", help="YAML/JSON {structure name: organ name, or null "
+                                           "to ignore}; wins over the name rules."),
+) -> None:
+    """Turn a clinic's DICOM-RT export into a training dataset, and report what matched.
+
+    Structures are matched to the task's organs by TG-263 name, organ name
+    and common spellings (case, spaces, Lt/Left/_L); a structure that matches
+    nothing is reported, never guessed. Where two organs overlap, the smaller
+    keeps the shared voxels. A case that cannot be imported is reported and
+    skipped (exit 1); import_report.json in OUT lists every case.
+    """
+    from medseg.config import load_task
+    from medseg.dicom.importer import REPORT_NAME
+    from medseg.dicom.importer import import_dicom_rt as run_import
+    from medseg.dicom.names import load_mapping
+
+    loaded = load_task(task)
+    names = load_mapping(mapping, loaded.labels) if mapping is not None else None
+    report = run_import(src, out, loaded, names, progress=typer.echo)  # one line per case, skipped ones too
+    typer.echo(f"imported {len(report['cases'])} case(s) into {out}, {len(report['failed'])} failed; "
+               f"report: {out / REPORT_NAME}")
+    if report["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command("check-dataset")
@@ -97,12 +146,20 @@ def train(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Random seed for splits, sampling and weights."),
     folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds."),
-    fold: int = typer.Option(0, "--fold", min=0, help="Which fold to hold out for validation."),
+    fold: str = typer.Option("0", "--fold", help="Which fold to hold out for validation (0..folds-1), or 'all': "
+                             "train every fold in turn into --out/fold_<k>, predict each one's held-out cases, "
+                             "write cv_summary.json/.csv and postprocessing.json (a folder `predict -m` ensembles)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train with this many processes on this machine, one "
                               "per GPU (starts torchrun). Under torchrun, leave it out."),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    init_weights: Optional[Path] = typer.Option(None, "--init-weights", help="Start from another model: a run "
+                                                "folder or checkpoint file; tensors matching by name and shape are "
+                                                "loaded, the rest reported in init_weights.json. Not re-applied "
+                                                "on --resume."),
+    freeze_encoder_epochs: int = typer.Option(0, "--freeze-encoder-epochs", min=0, help="With --init-weights: "
+                                              "keep the encoder frozen for the first N epochs."),
 ) -> None:
     """Train a 3D U-Net on a dataset (default: the bundled sample data, on the CPU).
 
@@ -113,14 +170,39 @@ def train(
     from medseg.distributed import joined
     from medseg.train import TrainOptions, fit
 
+    every_fold = fold.strip().lower() == "all"
     options = TrainOptions(task=task, data=data, out=out, epochs=epochs, max_minutes=max_minutes, device=device,
-                           seed=seed, folds=folds, fold=fold, resume=resume, compile=compile, precision=precision)
+                           seed=seed, folds=folds, fold=0 if every_fold else _fold_number(fold, folds),
+                           resume=resume, compile=compile, precision=precision,
+                           init_weights=init_weights, freeze_encoder_epochs=freeze_encoder_epochs)
+    if every_fold:
+        raise typer.Exit(_train_every_fold(options, nproc))
     if nproc > 1:
         raise typer.Exit(_run_torchrun(nproc, options))
     with joined(device, os.environ) as world:
         run_dir = fit(options, world)
     if world.is_main:
         typer.echo(f"model folder: {run_dir}")
+
+
+def _fold_number(text: str, folds: int) -> int:
+    if not text.strip().isdigit():
+        raise InputError(f"--fold '{text}' must be a fold number (0..{folds - 1}) or 'all'")
+    return int(text)
+
+
+def _train_every_fold(options: TrainOptions, nproc: int) -> int:
+    """`--fold all`: every fold in turn in this process, then the cross-validation summary."""
+    from medseg.distributed import torchrun_ranks
+    from medseg.train.crossval import fit_folds
+
+    if nproc > 1 or torchrun_ranks(os.environ) is not None:
+        raise InputError("--fold all trains the folds one after another in one process; for one fold per GPU, "
+                         "start `medseg train --fold K --out CV/fold_K` for each K side by side (e.g. with "
+                         "CUDA_VISIBLE_DEVICES=K), then `medseg train --fold all --out CV` to summarise")
+    summary = fit_folds(options, echo=typer.echo)
+    typer.echo(f"cross-validation folder: {summary}")
+    return 0
 
 
 def train_arguments(options: TrainOptions) -> list[str]:
@@ -152,7 +234,8 @@ def _run_torchrun(nproc: int, options: TrainOptions) -> int:
 def predict(
     inputs: List[Path] = typer.Argument(..., help="Image files, DICOM folders, or a folder of images."),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Run folder from `medseg train`; default: newest for --task."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Run folder from `medseg train`, or a cross-validation "
+                                         "folder (`--fold all`): its folds' probabilities are averaged; default: newest for --task."),
     task: str = typer.Option("prostate", "--task", "-t", help="Task used to find the newest model under runs/."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     fast: bool = typer.Option(False, "--fast", help="Lower window overlap: faster, slightly less smooth."),
@@ -161,6 +244,16 @@ def predict(
     reference: Optional[List[Path]] = typer.Option(None, "--reference", "-r", help="Reference label map(s) or folder: also write metrics."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay PNGs for review."),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    series: Optional[str] = typer.Option(None, "--series", help="Series Instance UID to read from DICOM folders "
+                                         "that hold several series (the error lists them)."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="DICOM CT series inputs: also write <case>_seg.dcm, a "
+                                   "DICOM-SEG referring to the series (needs the dicom extra)."),
+    rtstruct: bool = typer.Option(False, "--rtstruct", help="DICOM CT series inputs: also write <case>_rtstruct.dcm, "
+                                  "an RTSTRUCT with TG-263 names for planning systems (needs the dicom extra)."),
+    uncertainty: bool = typer.Option(False, "--uncertainty", help="Also write <case>_uncertainty.nii.gz (normalised "
+                                     "predictive entropy; with folds or --tta also <case>_disagreement.nii.gz) and "
+                                     "per-organ confidence; the review page gets an uncertainty layer."),
 ) -> None:
     """Segment scans: writes <case>_seg.nii.gz on the scan's exact grid, volumes and overlays.
 
@@ -172,7 +265,8 @@ def predict(
     from medseg.infer.batch import PredictOptions, predict_many
 
     options = PredictOptions(model=model, task=task, device=device, fast=fast, tta=tta, probabilities=probabilities,
-                             overlays=overlays, precision=precision)
+                             overlays=overlays, precision=precision, series=series, dicom_seg=dicom_seg,
+                             rtstruct=rtstruct, uncertainty=uncertainty, backend=backend)
     with joined(device, os.environ) as world:
         failures = predict_many(inputs, out, options, references=reference or [], world=world)
     if failures:
@@ -188,13 +282,16 @@ def evaluate(
     labels: Optional[Path] = typer.Option(None, "--labels", help="labels.json mapping ids to organ names."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder for metrics.csv, summary.json, plots."),
 ) -> None:
-    """Per-organ Dice, IoU, surface distances and volumes of predictions against references."""
-    from medseg.evaluate.run import run_evaluation
+    """Per-organ Dice, IoU, surface distances and volumes of predictions against references, and Dice and
+    areas slice by slice along the head-foot axis (slices.csv, a profile plot per case, the worst slices)."""
     from medseg.evaluate.report import format_table
+    from medseg.evaluate.run import run_evaluation
+    from medseg.evaluate.slices import format_worst
 
     summary = run_evaluation(pred, ref, out, task=task, labels=labels, warn=_echo)
     typer.echo(format_table(summary))
-    typer.echo(f"wrote metrics.csv, summary.json and dice_boxplot.png to {out}")
+    typer.echo(format_worst({o: s["worst_slices"] for o, s in summary.items() if "worst_slices" in s}))
+    typer.echo(f"wrote metrics.csv, summary.json, dice_boxplot.png, slices.csv and profiles/ to {out}")
 
 
 @app.command()
@@ -204,12 +301,16 @@ def overlay(
     ref: Optional[Path] = typer.Option(None, "--ref", help="Reference label map to draw beside the mask."),
     task: str = typer.Option("prostate", "--task", "-t", help="Task name or file, for organ names and colours."),
     out: Path = typer.Option(Path("overlays"), "--out", "-o", help="Output folder for the PNGs."),
+    series: Optional[str] = typer.Option(None, "--series", help="Series Instance UID, when the DICOM folder holds "
+                                         "several series."),
 ) -> None:
     """Draw axial, coronal and sagittal overlay montages (and a thumbnail) of a mask on its scan."""
     from medseg.config import load_task
+    from medseg.io import case_name, read_image
     from medseg.review.overlays import write_overlays
 
-    for path in write_overlays(image, mask, load_task(task), out, reference=ref):
+    scan = read_image(image, series_uid=series) if series else image
+    for path in write_overlays(scan, mask, load_task(task), out, reference=ref, case=case_name(image)):
         typer.echo(str(path))
 
 

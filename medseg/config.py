@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,8 @@ class Label:
     id: int  # voxel value in label maps, 1..255
     name: str  # organ name, used as the key in every report
     color: tuple[int, int, int] = (255, 0, 0)  # RGB for overlays and viewers
+    tolerance_mm: float | None = None  # surface Dice tolerance (inter-observer variation); None: the 2 mm fallback
+    tg263: str | None = None  # AAPM TG-263 structure name (Parotid_L) for RTSTRUCT/DICOM-SEG; None: the organ name
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ class Augmentation:
 
 @dataclass(frozen=True)
 class Network:
-    name: Literal["dynunet", "unet", "segresnet", "swinunetr"] = "dynunet"
+    # deeplab: residual atrous encoder + ASPP + DeepLabv3+ decoder, output stride 8 (medseg.model.deeplab)
+    name: Literal["dynunet", "unet", "segresnet", "swinunetr", "deeplab"] = "dynunet"
     # feature maps per resolution level; nnU-Net uses 32..320, a narrower net trains on a CPU
     filters: tuple[int, ...] = (16, 32, 64, 128, 256)
     deep_supervision: bool = True  # DynUNet only: extra heads at lower resolutions, weighted 1/2^k
@@ -222,7 +226,7 @@ class Task:
 
 
 def _parse_labels(raw: Any, source: str) -> list[dict]:
-    """Labels are written `id: name` or `id: {name: ..., color: [r, g, b]}`."""
+    """Labels are written `id: name` or `id: {name: ..., color: [r, g, b], tolerance_mm: 2.5, tg263: Parotid_L}`."""
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{source}: key 'labels' must be a mapping of label id to organ name, got {raw!r}")
     labels = []
@@ -259,6 +263,11 @@ def _check(task: Task, source: str) -> None:
     for label in task.labels:
         if not all(0 <= c <= 255 for c in label.color):
             raise ConfigError(f"{source}: key 'labels.{label.id}.color' must be three values in 0..255")
+        if label.tolerance_mm is not None and not 0 < label.tolerance_mm < float("inf"):
+            raise ConfigError(f"{source}: key 'labels.{label.id}.tolerance_mm' must be a positive number of mm")
+        if label.tg263 is not None and not re.fullmatch(r"[A-Za-z0-9_^ ]{1,16}", label.tg263):
+            raise ConfigError(f"{source}: key 'labels.{label.id}.tg263' must be a TG-263 structure name: "
+                              f"1-16 characters of A-Z a-z 0-9 _ ^ and space, got {label.tg263!r}")
     known = set(names)
     for i, pair in enumerate(task.pairs):
         for name in pair:
@@ -294,7 +303,8 @@ def _check(task: Task, source: str) -> None:
 def task_to_dict(task: Task) -> dict:
     """The task as plain JSON-able data that `parse_task` reads back to an equal `Task`."""
     data = dataclasses.asdict(task)
-    data["labels"] = {str(label.id): {"name": label.name, "color": list(label.color)} for label in task.labels}
+    data["labels"] = {str(label.id): {"name": label.name, "color": list(label.color), "tolerance_mm": label.tolerance_mm,
+                                      "tg263": label.tg263} for label in task.labels}
     return data
 
 
@@ -344,16 +354,11 @@ def load_task(name_or_path: str | Path) -> Task:
     path = Path(text).expanduser()
     looks_like_path = path.suffix in (".yaml", ".yml", ".json") or "/" in text
     if not looks_like_path:
-        for folder in pipelines_dirs():
-            for suffix in (".yaml", ".yml", ".json"):
-                if (folder / f"{text}{suffix}").is_file():
-                    path = folder / f"{text}{suffix}"
-                    break
-            if path.is_file():
-                break
-        else:
+        found = [f / f"{text}{suffix}" for f in pipelines_dirs() for suffix in (".yaml", ".yml", ".json")]
+        if not (found := [p for p in found if p.is_file()]):
             raise ConfigError(f"unknown task '{text}' (available: {', '.join(available_tasks()) or 'none'}; "
                               "or pass a path to a task .yaml file)")
+        path = found[0]
     if not path.is_file():
         raise ConfigError(f"task file not found: {path}")
     return parse_task(read_mapping(path), str(path))

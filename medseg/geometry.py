@@ -7,6 +7,7 @@ mask (where is each organ, where is anything, how large); the answers live here,
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -74,6 +75,17 @@ def voxel_counts(labels: np.ndarray, minlength: int = 256) -> np.ndarray:
     if flat.dtype != np.uint8:
         return np.bincount(flat, minlength=minlength)
     return torch.bincount(torch.from_numpy(flat), minlength=minlength).numpy()
+
+
+def axis_order(direction: Sequence[float]) -> tuple[int, int, int]:
+    """`perm[w]`: the voxel axis running closest to world axis w (LPS: 2 is the head-foot axis).
+
+    `direction` is a grid's 3x3 row-major direction matrix (column c: world direction of voxel axis c).
+    Each voxel axis goes to exactly one world axis, the assignment closest overall, as
+    `sitk.DICOMOrient` chooses it, so a tilted scan still gets three distinct axes.
+    """
+    matrix = np.abs(np.reshape(np.asarray(direction, dtype=float), (3, 3)))
+    return max(itertools.permutations(range(3)), key=lambda p: sum(matrix[w, p[w]] for w in range(3)))
 
 
 def bounding_box(mask: np.ndarray, margin: int = 1) -> Box | None:
@@ -163,3 +175,37 @@ def body_box(hu: torch.Tensor, roi: Sequence[int], threshold: float = BODY_HU, m
             low, high = low - (high - size), size
         box.append(slice(max(0, low), high))
     return tuple(box)
+
+
+def mask_centre(organ: np.ndarray, box: Sequence[slice] | None = None) -> np.ndarray | None:
+    """Voxel index (i, j, k) of a boolean mask's centre of mass, in the whole array when the mask is cut
+    to `box`; None for an empty mask. Three sums over two axes: no list of voxel coordinates."""
+    count = int(np.count_nonzero(organ))
+    if count == 0:
+        return None
+    starts = [s.start for s in box] if box is not None else [0, 0, 0]
+    return np.array([float(np.dot(organ.sum(axis=tuple(a for a in range(organ.ndim) if a != axis)), np.arange(n)))
+                     / count + start for axis, (n, start) in enumerate(zip(organ.shape, starts))])
+
+
+PIECE_SHARE = 0.1  # a piece of an organ counts when it holds at least this share of the largest piece's voxels
+PIECE_MIN_ML = 0.1  # ... and at least this volume: a few stray voxels are noise, not a second piece
+
+
+def piece_sizes(mask: np.ndarray) -> np.ndarray:
+    """Voxels in each 26-connected piece of a boolean mask (best cut to the organ's box), largest first."""
+    import cc3d
+
+    pieces = cc3d.connected_components(np.asarray(mask, dtype=bool), connectivity=26, out_dtype=np.uint32)
+    return np.sort(np.bincount(pieces.ravel(order="K"))[1:])[::-1]
+
+
+def significant_pieces(sizes: Sequence[int], voxel_ml: float) -> int:
+    """How many pieces (`piece_sizes`) count as pieces of their own: PIECE_SHARE of the largest and PIECE_MIN_ML.
+
+    Training labels (the fingerprint) and predictions (the QA flags) are counted the same way.
+    """
+    if len(sizes) == 0:
+        return 0
+    least = max(PIECE_SHARE * float(sizes[0]), PIECE_MIN_ML / voxel_ml)
+    return int(sum(1 for size in sizes if size >= least)) or 1

@@ -131,19 +131,6 @@ def is_image_path(path: Path) -> bool:
 # ------------------------------------------------------------------------------------------ read
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise InputError(f"{folder}: folder holds no DICOM series (and is not an image file)")
-    # GDCM sorts the files by slice position along the normal, not by file name.
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
-    if len(files) < 2:
-        raise InputError(f"{folder}: the DICOM series has a single slice; a 3D scan needs several")
-    reader.SetFileNames(files)
-    return reader.Execute()
-
-
 def _check_nifti(path: Path) -> None:
     """Catch what ITK's NIfTI reader lets through: truncated data and NaN/inf voxels.
 
@@ -188,13 +175,21 @@ def _check_nifti(path: Path) -> None:
         raise truncated
 
 
-def read_sitk(path: str | Path) -> sitk.Image:
-    """One image file or DICOM folder as a 3D scalar SimpleITK image, or an `InputError`."""
+def read_sitk(path: str | Path, series_uid: str | None = None) -> sitk.Image:
+    """One image file or DICOM folder as a 3D scalar SimpleITK image, or an `InputError`.
+
+    A DICOM folder must hold one image series, or `series_uid` chooses one; its slices must be evenly
+    spaced along their normal (`medseg.dicom.series` checks, nothing is resampled).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
-        image = _read_dicom_series(path)
+        from medseg.dicom.series import read_ct_series
+
+        image = read_ct_series(path, series_uid)
+    elif series_uid is not None:
+        raise InputError(f"{path}: a series UID chooses a series in a DICOM folder; this is a file")
     else:
         if path.stat().st_size == 0:
             raise InputError(f"{path}: file is empty")
@@ -253,11 +248,14 @@ def _viewed_image(array: np.ndarray, grid: Grid) -> sitk.Image | None:
     return base.image if same else None
 
 
-def read_image(paths: str | Path | Sequence[str | Path], dtype: type | None = np.float32) -> tuple[np.ndarray, Grid]:
+def read_image(paths: str | Path | Sequence[str | Path], dtype: type | None = np.float32,
+               series_uid: str | None = None) -> tuple[np.ndarray, Grid]:
     """A scan as (C, X, Y, Z) plus its grid; several files (e.g. T2 + ADC) become channels.
 
     `dtype` None keeps the file's voxel type: a CT's int16 is half the memory of float32; a
     one-channel scan is then a read-only view of the file's voxels (no copy; see `to_array`).
+
+    `series_uid` chooses the series of a DICOM folder holding several (see `read_sitk`).
 
     Raises `InputError` for unreadable files, non-3D images, channels on different grids and
     NaN/inf voxels.
@@ -267,7 +265,7 @@ def read_image(paths: str | Path | Sequence[str | Path], dtype: type | None = np
         raise InputError("no image given")
     channels, grid = [], None
     for path in paths:
-        image = read_sitk(path)
+        image = read_sitk(path, series_uid)
         this = Grid.of(image)
         if grid is not None and not grid.matches(this):
             raise InputError(f"{path}: channel grid ({this.describe()}) differs from {paths[0]} ({grid.describe()})")
@@ -319,6 +317,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a new hidden folder beside `path` to fill; it becomes `path` only if the block succeeds.
+
+    `path` must be absent or an empty folder (checked before and after), so a folder of results is
+    either complete or not there, and nothing already there is mixed in or overwritten.
+    """
+    import secrets
+    import shutil
+
+    path = Path(path)
+    refuse = InputError(f"{path}: already exists and is not an empty folder; choose a new output folder")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise refuse
+    building = path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        building.mkdir(parents=True)  # its mode follows the umask, like any other output
+    except OSError as error:
+        raise InputError(f"cannot create {path}: {error.strerror or error}") from None
+    try:
+        yield building
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise refuse
+        if path.exists():
+            path.rmdir()
+        os.replace(building, path)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def write_text(text: str, path: str | Path) -> Path:

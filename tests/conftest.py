@@ -231,6 +231,20 @@ def write_dicom_series(volume: np.ndarray, grid: Grid, folder: Path, seed: int =
     return names
 
 
+@pytest.fixture
+def ct_series():
+    """Factory: `ct_series(folder, image, **patient)` writes a SimpleITK image as a CT series with pydicom
+    (`medseg.dicom.ct`, any grid, head or feet first) and returns its files, shuffled, so that nothing
+    under test can rely on list order matching slice order. `patient`: fields of `medseg.dicom.ct.Patient`."""
+    from medseg.dicom.ct import Patient, write_ct_series
+
+    def _write(folder: Path, image: sitk.Image, **patient) -> list[Path]:
+        paths = write_ct_series(image, folder, Patient(**patient))
+        return [paths[i] for i in np.random.default_rng(0).permutation(len(paths))]
+
+    return _write
+
+
 class BrightIsBladder(torch.nn.Module):
     """Bladder (2) wherever the voxel is brighter than soft tissue, by its own value alone."""
 

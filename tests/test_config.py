@@ -48,6 +48,23 @@ def test_headneck_loads_and_its_patch_fits_its_network():
     assert all(p % d == 0 for p, d in zip(task.patch_size, plan.divisor))
 
 
+def test_bundled_tasks_carry_tg263_names():
+    """RTSTRUCT and DICOM-SEG outputs name organs as planning systems expect (AAPM TG-263)."""
+    names = {label.name: label.tg263 for name in ("headneck", "prostate") for label in load_task(name).labels}
+    assert names == {"brainstem": "Brainstem", "spinal_cord": "SpinalCord", "right_parotid": "Parotid_R",
+                     "left_parotid": "Parotid_L", "esophagus": "Esophagus", "larynx": "Larynx",
+                     "mandible": "Bone_Mandible", "prostate": "Prostate", "bladder": "Bladder", "rectum": "Rectum",
+                     "femoral_head_left": "Femur_Head_L", "femoral_head_right": "Femur_Head_R"}
+
+
+def test_headneck_surface_tolerances_are_the_published_ones():
+    """Nikolov et al. 2021 inter-observer tolerances; organs that study did not measure have none (2 mm fallback)."""
+    tolerances = {label.name: label.tolerance_mm for label in load_task("headneck").labels}
+    assert tolerances == {"brainstem": 2.5, "spinal_cord": 2.93, "right_parotid": 2.85, "left_parotid": 2.85,
+                          "esophagus": None, "larynx": None, "mandible": 1.01}
+    assert all(label.tolerance_mm is None for label in load_task("prostate").labels)
+
+
 def test_user_task_loads_by_path(tmp_path):
     task = load_task(write_task(tmp_path, MINIMAL + "spacing: [1, 1, 2.5]\naugmentation:\n  flip: {axes: [LR, SI]}\n"))
     assert task.name == "pelvis"
@@ -88,6 +105,14 @@ def test_round_trip_through_json(tmp_path, source):
     pytest.param(MINIMAL + "spacing: [1, -1, 2]\n", r"key 'spacing' must be positive", id="negative-spacing"),
     pytest.param(MINIMAL + "labels_extra: [\n", r"not valid YAML", id="malformed-yaml"),
     pytest.param("- just\n- a list\n", r"a task file must be a mapping", id="not-a-mapping"),
+    pytest.param("name: x\nlabels: {1: {name: p, tg263: Parotid_Superficial_L}}\n",
+                 r"key 'labels\.1\.tg263' must be a TG-263 structure name: 1-16 characters", id="tg263-too-long"),
+    pytest.param("name: x\nlabels: {1: {name: p, tg263: Parotid-L}}\n", r"of A-Z a-z 0-9 _ \^ and space, got 'Parotid-L'",
+                 id="tg263-bad-character"),
+    pytest.param("name: x\nlabels: {1: {name: p, tolerance_mm: 0}}\n",
+                 r"key 'labels\.1\.tolerance_mm' must be a positive number of mm", id="tolerance-zero"),
+    pytest.param("name: x\nlabels: {1: {name: p, tolerance_mm: two}}\n",
+                 r"key 'labels\[0\]\.tolerance_mm' must be a number, got 'two'", id="tolerance-text"),
 ])
 def test_bad_task_files_name_file_and_key(tmp_path, text, message):
     path = write_task(tmp_path, text)

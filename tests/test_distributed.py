@@ -49,7 +49,7 @@ def test_nproc_passes_every_option_to_torchrun():
     options = TrainOptions(task="tiny.yaml", out=Path("runs/x"), max_minutes=0.0, seed=0, resume=True)
     assert train_arguments(options) == ["train", "--task", "tiny.yaml", "--out", "runs/x", "--max-minutes", "0.0",
                                         "--device", "auto", "--seed", "0", "--folds", "5", "--fold", "0", "--resume",
-                                        "--precision", "auto"]
+                                        "--precision", "auto", "--freeze-encoder-epochs", "0"]
 
 
 def test_nproc_under_torchrun_is_an_error(monkeypatch, capsys):

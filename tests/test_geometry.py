@@ -101,3 +101,19 @@ def test_union_and_organ_boxes_cover_every_map():
     assert organ_boxes(ref, pred) == {1: (slice(0, 1),) * 3, 2: (slice(1, 5), slice(0, 2), slice(0, 5))}
     assert organ_boxes(ref > 0) == {1: (slice(1, 3), slice(1, 2), slice(0, 2))}
     assert organ_boxes(np.zeros((0, 3, 3), np.uint8)) == {}
+
+
+def test_pieces_centres_and_which_pieces_count():
+    from medseg.geometry import mask_centre, piece_sizes, significant_pieces
+
+    mask = np.zeros((20, 10, 10), bool)
+    mask[1:5, 1:5, 1:5] = True  # 64 voxels
+    mask[10:12, 1:3, 1:3] = True  # 8 voxels: 12.5 % of the largest
+    mask[15, 8, 8] = True  # 1 voxel
+    assert piece_sizes(mask).tolist() == [64, 8, 1]
+    assert significant_pieces([64, 8, 1], voxel_ml=0.01) == 1  # 8 voxels are 0.08 mL: under 0.1 mL
+    assert significant_pieces([64, 8, 1], voxel_ml=0.1) == 2
+    assert significant_pieces([64, 5, 1], voxel_ml=0.1) == 1  # 5 < 10 % of 64
+    assert significant_pieces([], voxel_ml=0.1) == 0
+    np.testing.assert_allclose(mask_centre(mask[1:5, 1:5, 1:5], (slice(1, 5),) * 3), [2.5, 2.5, 2.5])
+    assert mask_centre(np.zeros((3, 3, 3), bool)) is None

@@ -46,27 +46,33 @@ class Case:
 # ------------------------------------------------------------------------------------------ load
 
 
-def load_dataset(root: str | Path, split: str = "train") -> list[Case]:
+def load_dataset(root: str | Path, split: str = "train", problems: list[str] | None = None) -> list[Case]:
     """The cases of a dataset folder in any of the three layouts.
 
     Args:
         root: the dataset folder.
         split: "train" (cases with labels) or "test" (an empty list when the dataset has none).
+        problems: collect instead of stopping (`medseg check-dataset`): a `dataset.json` entry that
+            cannot be used (outside the folder, malformed, a file missing) or a repeated case name
+            becomes one line in this list and is left out; the other cases are returned.
 
     Raises:
         InputError: missing folder, unrecognised layout, malformed `dataset.json`, an entry outside the
-            folder, a listed file that does not exist, an image without a label (plain layout).
+            folder, a listed file that does not exist, an image without a label (plain layout); with
+            `problems`, only what stops the whole dataset from being listed.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = absolute(root)
     layout, meta = detect_layout(root)
     if layout == "msd":
-        cases = _load_msd(root, meta, split)
+        cases = _load_msd(root, meta, split, problems)
     elif layout == "nnunet":
         cases = _load_nnunet(root, meta, split)
     else:
         cases = _load_plain(root) if split == "train" else []
+    if problems is not None:
+        return _usable(cases, root, problems)
     if split == "train" and not cases:
         raise InputError(f"{root}: the dataset has no training cases")
     missing = [p for case in cases for p in (*case.images, case.label) if p is not None and not p.exists()]
@@ -81,6 +87,21 @@ def load_dataset(root: str | Path, split: str = "train") -> list[Case]:
                              f"({_relative(seen[case.name].images[0], root)}, {_relative(case.images[0], root)})")
         seen[case.name] = case
     return cases
+
+
+def _usable(cases: list[Case], root: Path, problems: list[str]) -> list[Case]:
+    """The cases whose files all exist and whose names are unique; one problem line for each other."""
+    kept: dict[str, Case] = {}
+    for case in cases:
+        missing = [p for p in (*case.images, case.label) if p is not None and not p.exists()]
+        if missing:
+            problems += [f"{p}: listed in the dataset (case '{case.name}') but does not exist" for p in missing]
+        elif case.name in kept:
+            problems.append(f"{case.images[0]}: case name '{case.name}' is already taken by "
+                            f"{_relative(kept[case.name].images[0], root)}")
+        else:
+            kept[case.name] = case
+    return list(kept.values())
 
 
 def absolute(path: str | Path) -> Path:
@@ -144,7 +165,8 @@ def _contoured(value: Any, where: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
-def _load_msd(root: Path, meta: dict, split: str) -> list[Case]:
+def _load_msd(root: Path, meta: dict, split: str, problems: list[str] | None = None) -> list[Case]:
+    """The MSD entries of `split`; with `problems`, an unusable entry is a line there instead of an error."""
     meta_path = root / "dataset.json"
     key = "training" if split == "train" else "test"
     entries = meta.get(key) or []
@@ -152,22 +174,31 @@ def _load_msd(root: Path, meta: dict, split: str) -> list[Case]:
         raise InputError(f"{meta_path}: '{key}' must be a list of cases, got {type(entries).__name__}")
     cases = []
     for i, entry in enumerate(entries):
-        where = f"{meta_path}: '{key}[{i}]"  # the key's closing quote is added where it is used
-        if isinstance(entry, str) and split == "test":
-            entry = {"image": entry}
-        if not isinstance(entry, dict) or "image" not in entry or (split == "train" and "label" not in entry):
-            raise InputError(f"{where}' must be {{\"image\": PATH, \"label\": PATH}}, got {str(entry)[:80]}")
-        listed = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-        if not listed:
-            raise InputError(f"{where}.image' is an empty list")
-        images = tuple(_inside(root, p, f"{where}.image'") for p in listed)
-        if entry.get("label") is not None:
-            label = _inside(root, entry["label"], f"{where}.label'")
-        else:  # an original MSD test entry names only the image; a reference may sit in labelsTs/
-            label = root / "labelsTs" / images[0].name
-            label = label if split == "test" and label.is_file() else None
-        cases.append(Case(case_name(images[0]), images, label, _contoured(entry.get("contoured"), f"{where}.contoured'")))
+        try:
+            cases.append(_msd_case(root, entry, f"{meta_path}: '{key}[{i}]", split))
+        except InputError as error:
+            if problems is None:
+                raise
+            problems.append(str(error))
     return cases
+
+
+def _msd_case(root: Path, entry: Any, where: str, split: str) -> Case:
+    """One MSD entry; `where` names it in errors (the key's closing quote is added where it is used)."""
+    if isinstance(entry, str) and split == "test":
+        entry = {"image": entry}
+    if not isinstance(entry, dict) or "image" not in entry or (split == "train" and "label" not in entry):
+        raise InputError(f"{where}' must be {{\"image\": PATH, \"label\": PATH}}, got {str(entry)[:80]}")
+    listed = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+    if not listed:
+        raise InputError(f"{where}.image' is an empty list")
+    images = tuple(_inside(root, p, f"{where}.image'") for p in listed)
+    if entry.get("label") is not None:
+        label = _inside(root, entry["label"], f"{where}.label'")
+    else:  # an original MSD test entry names only the image; a reference may sit in labelsTs/
+        label = root / "labelsTs" / images[0].name
+        label = label if split == "test" and label.is_file() else None
+    return Case(case_name(images[0]), images, label, _contoured(entry.get("contoured"), f"{where}.contoured'"))
 
 
 def _load_nnunet(root: Path, meta: dict, split: str) -> list[Case]:

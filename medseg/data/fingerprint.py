@@ -32,6 +32,7 @@ class _CaseStats:
     shape: np.ndarray  # (3,) voxels, RAS axis order
     foreground: np.ndarray  # (C, N) intensities of up to FOREGROUND_SAMPLES organ voxels
     volume_ml: dict[str, float]  # organ -> volume in this case
+    organs: dict[str, dict | None] = field(default_factory=dict)  # `_organ_stats`; None: organ not contoured
 
 
 def _ras_axes(grid: Grid) -> list[int]:
@@ -44,7 +45,41 @@ def _ras_axes(grid: Grid) -> list[int]:
     return order
 
 
-def _case_stats(image: np.ndarray, grid: Grid, label: np.ndarray, task: Task, seed: int) -> _CaseStats:
+def _organ_stats(label: np.ndarray, grid: Grid, task: Task, contoured: tuple[str, ...] | None) -> dict[str, dict | None]:
+    """Per organ of one case: volume (mL), significant pieces (`medseg.geometry.significant_pieces`) and
+    head-foot position (world S coordinate of its centre and of its lowest and highest voxel, mm);
+    None for an organ the case did not contour. The QA flags of predictions compare against these."""
+    from medseg.geometry import label_boxes, piece_sizes, significant_pieces
+
+    boxes = label_boxes(label, max_label=max(task.label_names))
+    found: dict[str, dict | None] = {}
+    for lab in task.labels:
+        box = boxes[lab.id - 1] if lab.id - 1 < len(boxes) else None
+        if contoured is not None and lab.name not in contoured:
+            found[lab.name] = None
+        elif box is None:
+            found[lab.name] = {"volume_ml": 0.0}
+        else:
+            organ = label[box] == lab.id
+            z, z_low, z_high = head_foot(organ, box, grid)
+            found[lab.name] = {"volume_ml": int(organ.sum()) * grid.voxel_volume_ml, "z": z, "z_low": z_low,
+                               "z_high": z_high, "pieces": significant_pieces(piece_sizes(organ), grid.voxel_volume_ml)}
+    return found
+
+
+def head_foot(organ: np.ndarray, box: tuple[slice, ...], grid: Grid) -> tuple[float, float, float]:
+    """World S coordinate (LPS z, mm; + is superior) of an organ's centre and of its box's lowest and
+    highest corner, from its boolean mask cut to `box` of a scan on `grid`."""
+    from medseg.geometry import mask_centre
+
+    centre = mask_centre(organ, box)
+    corners = np.array(np.meshgrid(*[[s.start, s.stop - 1] for s in box], indexing="ij")).reshape(3, -1)
+    z = grid.affine[2, :3] @ np.c_[np.array(centre), corners] + grid.affine[2, 3]
+    return float(z[0]), float(z[1:].min()), float(z[1:].max())
+
+
+def _case_stats(image: np.ndarray, grid: Grid, label: np.ndarray, task: Task, seed: int,
+                contoured: tuple[str, ...] | None = None) -> _CaseStats:
     axes = _ras_axes(grid)
     foreground = label > 0
     if task.ignore_label is not None:
@@ -55,7 +90,8 @@ def _case_stats(image: np.ndarray, grid: Grid, label: np.ndarray, task: Task, se
     counts = np.bincount(label.ravel(), minlength=256)
     return _CaseStats(spacing=np.asarray(grid.spacing)[axes], shape=np.asarray(grid.shape)[axes],
                       foreground=image.reshape(len(image), -1)[:, index],
-                      volume_ml={lab.name: float(counts[lab.id]) * grid.voxel_volume_ml for lab in task.labels})
+                      volume_ml={lab.name: float(counts[lab.id]) * grid.voxel_volume_ml for lab in task.labels},
+                      organs=_organ_stats(label, grid, task, contoured))
 
 
 def _intensity(values: np.ndarray) -> dict[str, float | None]:
@@ -93,7 +129,35 @@ def _summarise(stats: list[_CaseStats], task: Task) -> dict:
         "foreground_intensity": [_intensity(np.concatenate([s.foreground[c] for s in stats]))
                                  for c in range(len(task.channels))],
         "organ_volume_ml": volumes,  # median over the cases where the organ is present; None if in none
+        "organ_statistics": {organ: _organ_summary(organ, stats) for organ in (lab.name for lab in task.labels)},
     }
+
+
+def _organ_summary(organ: str, stats: list[_CaseStats]) -> dict:
+    """What training saw of one organ, for the QA flags of predictions (`medseg.infer.qa`).
+
+    `cases` contoured it, `present` had voxels of it; over those: `volume_ml` percentiles (min, p01, p50,
+    p99, max), `one_piece` (share with a single significant piece), `offset_si_mm` (median head-foot
+    distance of its centre from the volume-weighted centre of the case's other organs; + is superior)
+    and `height_si_mm` (median head-foot extent).
+    """
+    drawn = [s.organs[organ] for s in stats if s.organs.get(organ) is not None]
+    present = [(s.organs, o) for s in stats if (o := s.organs.get(organ)) and o["volume_ml"] > 0]
+    summary: dict = {"cases": len(drawn), "present": len(present)}
+    if not present:
+        return summary
+    volumes = np.percentile([o["volume_ml"] for _, o in present], [0, 1, 50, 99, 100])
+    offsets = []
+    for organs, o in present:
+        others = [(v["z"], v["volume_ml"]) for name, v in organs.items() if name != organ and v and v["volume_ml"] > 0]
+        if others:
+            z, weight = np.array(others).T
+            offsets.append(o["z"] - float(np.average(z, weights=weight)))
+    summary.update(volume_ml=dict(zip(("min", "p01", "p50", "p99", "max"), np.round(volumes, 4).tolist())),
+                   one_piece=float(np.mean([o["pieces"] == 1 for _, o in present])),
+                   offset_si_mm=round(float(np.median(offsets)), 2) if offsets else None,
+                   height_si_mm=round(float(np.median([o["z_high"] - o["z_low"] for _, o in present])), 2))
+    return summary
 
 
 def _check_case(case: Case, task: Task, seed: int) -> tuple[list[str], _CaseStats | None]:
@@ -134,7 +198,7 @@ def _check_case(case: Case, task: Task, seed: int) -> tuple[list[str], _CaseStat
         extra = [organ for organ in drawn if organ not in case.contoured]
         if extra:
             problems.append(f"{case.label}: has voxels of {', '.join(extra)}, which its 'contoured' list leaves out")
-    return problems, (None if problems else _case_stats(image, grid, label, task, seed))
+    return problems, (None if problems else _case_stats(image, grid, label, task, seed, case.contoured))
 
 
 def compute_fingerprint(cases: list[Case], task: Task) -> dict:
@@ -143,7 +207,9 @@ def compute_fingerprint(cases: list[Case], task: Task) -> dict:
     Keys: `num_cases`; `median_spacing`, `spacing_min`, `spacing_max` (mm) and `median_shape`,
     `median_shape_at_median_spacing`, `shape_min`, `shape_max` (voxels), all in RAS axis order;
     `foreground_intensity`, per channel, `mean`, `std`, `p00_5`, `p99_5`, `min`, `max` over up to
-    10,000 sampled organ voxels per case; `organ_volume_ml`, organ -> median volume.
+    10,000 sampled organ voxels per case; `organ_volume_ml`, organ -> median volume;
+    `organ_statistics`, organ -> what training saw of it (`_organ_summary`: volume range, pieces,
+    head-foot position), which the QA flags of predictions compare against.
 
     Raises:
         InputError: the first problem of the first case that has one (`check_dataset` lists them all).
@@ -235,15 +301,17 @@ def check_dataset(root: str | Path, task: Task, fingerprint_path: str | Path | N
     root = absolute(root)
     target = _fingerprint_target(root, fingerprint_path)
     layout, _ = detect_layout(root)
-    cases = load_dataset(root, "train")
     problems, stats = [], []
+    cases = load_dataset(root, "train", problems)  # unusable entries become problems, the rest are checked
     for index, case in enumerate(cases):
         case_problems, case_stats = _check_case(case, task, seed=index)
         problems += case_problems
         if case_stats is not None:
             stats.append(case_stats)
-    for case in load_dataset(root, "test"):
+    for case in load_dataset(root, "test", problems):
         problems += _check_case(case, task, seed=0)[0]
+    if not cases and not problems:
+        problems.append(f"{root}: the dataset has no training cases")
     fingerprint = _summarise(stats, task)
     if stats and not any(s.foreground.size for s in stats):
         problems.append(f"{root}: no label map has any organ voxel; nothing to learn from")

@@ -11,11 +11,15 @@ pixel_accuracy and mean_pixel_accuracy. Definitions and the empty-mask conventio
 `medseg.evaluate.metrics`: an organ absent from both masks is "empty" (NaN Dice), left out of every mean and
 counted as `n_empty`; an organ absent from one mask scores Dice 0 and distance `inf`, and the
 summary leaves `inf` out of mean/std/median and counts it as `n_inf`.
+
+Surface Dice tolerance per organ (`surface_tolerances`): the task file's `tolerance_mm` for the
+organ (head and neck: inter-observer variation from Nikolov et al. 2021), else the 2 mm fallback;
+reports say which (`tolerance_source`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Union
 
 import numpy as np
@@ -26,14 +30,38 @@ from medseg.evaluate import metrics
 from medseg.evaluate.matching import Pair
 from medseg.evaluate.report import Row
 from medseg.geometry import bounding_box, grow, organ_boxes
-from medseg.io import read_label
+from medseg.io import Grid, read_label
 
 DEFAULT_TOLERANCE_MM = 2.0  # surface Dice tolerance when none is given for an organ
+FALLBACK_SOURCE = f"fallback {DEFAULT_TOLERANCE_MM:g} mm"  # `tolerance_source` of an organ given none
 ORGAN_METRICS = ("dice", "iou", "precision", "recall", "specificity", "volume_ref_ml", "volume_pred_ml",
                  "relative_volume_difference", "hd95_mm", "hd_mm", "assd_mm", "surface_dice")
 CASE_METRICS = ("pixel_accuracy", "mean_pixel_accuracy")
 
 Tolerance = Union[float, Mapping[str, float]]  # mm, one for all organs or organ name -> mm
+OnPair = Callable[[str, np.ndarray, np.ndarray, Grid], None]  # (case, reference, prediction, grid)
+
+
+def task_tolerances(labels: Iterable) -> dict[str, float]:
+    """Organ name -> surface Dice tolerance (mm) of the task's labels (`config.Label`) that give one."""
+    return {label.name: float(label.tolerance_mm) for label in labels if label.tolerance_mm is not None}
+
+
+def surface_tolerances(organs: Iterable[str], from_task: Mapping[str, float] | None = None,
+                       given: Tolerance | None = None) -> dict[str, tuple[float, str]]:
+    """Organ -> (surface Dice tolerance in mm, where it came from: "given", "task file" or the fallback).
+
+    A tolerance `given` as an argument wins, then the task file's `tolerance_mm`, then the fallback.
+    """
+    table = {}
+    for organ in organs:
+        if given is not None and (not isinstance(given, Mapping) or organ in given):
+            table[organ] = (_tolerance(given, organ), "given")
+        elif organ in (from_task or {}):
+            table[organ] = (float(from_task[organ]), "task file")
+        else:
+            table[organ] = (DEFAULT_TOLERANCE_MM, FALLBACK_SOURCE)
+    return table
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -140,7 +168,8 @@ def evaluate_case(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float],
 
 def evaluate_pairs(pairs: Sequence[Pair],
                    organs: Mapping[int, str] | None = None, tolerance_mm: Tolerance = DEFAULT_TOLERANCE_MM,
-                   not_contoured: Mapping[str, Iterable[str]] | None = None) -> list[Row]:
+                   not_contoured: Mapping[str, Iterable[str]] | None = None,
+                   on_pair: OnPair | None = None) -> list[Row]:
     """Rows of every (case, prediction file, reference file) triple.
 
     Args:
@@ -149,6 +178,8 @@ def evaluate_pairs(pairs: Sequence[Pair],
             organ found in some cases only is "empty" in the others.
         tolerance_mm: surface Dice tolerance in mm, or organ name -> tolerance.
         not_contoured: case name -> organs not contoured in that case's reference.
+        on_pair: called with each case's (name, reference, prediction, grid) once read and checked,
+            so that other reports (slice-wise) reuse the read.
 
     Raises:
         InputError: a file does not read as a label map, or prediction and reference lie on
@@ -165,6 +196,8 @@ def evaluate_pairs(pairs: Sequence[Pair],
                              f"({difference}); resample the prediction onto the reference grid")
         per_case.append(evaluate_case(ref, pred, ref_grid.spacing, organs, tolerance_mm,
                                       not_contoured.get(case, ()), case=case))
+        if on_pair is not None:
+            on_pair(case, ref, pred, ref_grid)
     if organs is not None:
         return [row for rows in per_case for row in rows]
     # Organs named from the values found: give every case every organ, in label order.

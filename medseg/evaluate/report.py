@@ -87,10 +87,28 @@ def write_dice_boxplot(rows: Sequence[Row], path: str | Path) -> Path | None:
     return Path(path)
 
 
-def write_report(rows: Sequence[Row], out: str | Path) -> dict[str, dict[str, dict]]:
-    """Write metrics.csv (long form), summary.json and dice_boxplot.png into `out`; return the summary."""
+def add_details(summary: dict, tolerances: Mapping[str, tuple[float, str]] | None = None,
+                worst: Mapping[str, Mapping] | None = None) -> dict:
+    """The summary with each organ's surface Dice tolerance and its source (under `surface_dice`:
+    `tolerance_mm`, `tolerance_source`) and its worst slices per case (`worst_slices`)."""
+    for organ, (mm, source) in (tolerances or {}).items():
+        if "surface_dice" in summary.get(organ, {}):
+            summary[organ]["surface_dice"].update(tolerance_mm=mm, tolerance_source=source)
+    for organ, cases in (worst or {}).items():
+        if organ in summary:
+            summary[organ]["worst_slices"] = dict(cases)
+    return summary
+
+
+def write_report(rows: Sequence[Row], out: str | Path, tolerances: Mapping[str, tuple[float, str]] | None = None,
+                 worst: Mapping[str, Mapping] | None = None) -> dict[str, dict[str, dict]]:
+    """Write metrics.csv (long form), summary.json and dice_boxplot.png into `out`; return the summary.
+
+    `tolerances` (organ -> (mm, source), `cases.surface_tolerances`) and `worst` (`slices.worst_slices`)
+    go into the summary as `add_details` puts them.
+    """
     out = Path(out)
-    summary = summarize(rows)
+    summary = add_details(summarize(rows), tolerances, worst)
     write_text(rows_to_csv(rows), out / "metrics.csv")
     write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
     write_dice_boxplot(rows, out / "dice_boxplot.png")
@@ -98,17 +116,22 @@ def write_report(rows: Sequence[Row], out: str | Path) -> dict[str, dict[str, di
 
 
 def format_table(summary: Mapping[str, Mapping[str, Mapping]]) -> str:
-    """Plain-text table, organ x mean Dice / HD95 / ASSD / surface Dice, for the terminal."""
+    """Plain-text table, organ x mean Dice / HD95 / ASSD / surface Dice (and its tolerance), for the terminal."""
     columns = (("Dice", "dice", "{:.3f}"), ("HD95 mm", "hd95_mm", "{:.2f}"), ("ASSD mm", "assd_mm", "{:.2f}"),
                ("SurfDice", "surface_dice", "{:.3f}"))
     organs = [o for o in summary if o != CASE_ORGAN]
-    header = ["organ", *(c[0] for c in columns), "n", "empty", "inf"]
+    header = ["organ", *(c[0] for c in columns), "tol mm", "n", "empty", "inf"]
+    fallback = False
     lines = []
     for organ in organs:
         cells = [organ]
         for _, metric, fmt in columns:
             mean = summary[organ].get(metric, {}).get("mean")
             cells.append("-" if mean is None else fmt.format(mean))
+        surface = summary[organ].get("surface_dice", {})
+        marked = surface.get("tolerance_source", "").startswith("fallback")
+        fallback |= marked
+        cells.append("-" if "tolerance_mm" not in surface else f"{surface['tolerance_mm']:.2f}" + "*" * marked)
         dice = summary[organ].get("dice", {})
         cells += [str(dice.get("n", 0)), str(dice.get("n_empty", 0)),
                   str(max(summary[organ].get(m, {}).get("n_inf", 0) for m in ("hd95_mm", "assd_mm")))]
@@ -117,6 +140,8 @@ def format_table(summary: Mapping[str, Mapping[str, Mapping]]) -> str:
     render = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                      for i, (c, w) in enumerate(zip(cells, widths)))
     text = [render(header), render(["-" * w for w in widths]), *map(render, lines)]
+    if fallback:
+        text.append("* surface Dice tolerance: the 2 mm fallback (no tolerance_mm for this organ in the task file)")
     accuracy = summary.get(CASE_ORGAN, {}).get("pixel_accuracy", {}).get("mean")
     if accuracy is not None:
         text.append(f"pixel accuracy {accuracy:.4f}, mean class accuracy "

@@ -2,7 +2,8 @@
 
 References are a mask file, a folder of masks, or a dataset folder. With a dataset, an organ a case did
 not contour (its `contoured` list, partial labels) is skipped for that case: no rows, not counted in
-any mean.
+any mean. Besides the volume metrics, every pair is measured slice by slice (`medseg.evaluate.slices`):
+slices.csv, a profile plot per case and the worst slices in summary.json.
 """
 
 from __future__ import annotations
@@ -11,42 +12,26 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from medseg.config import load_task, read_labels_file
+import numpy as np
+
+from medseg.config import CASE_ORGAN, Task, load_task, read_labels_file
 from medseg.errors import InputError
-from medseg.evaluate.cases import DEFAULT_TOLERANCE_MM, Tolerance, evaluate_pairs
-from medseg.evaluate.matching import is_dataset_folder, match_cases, match_dataset
-from medseg.evaluate.report import write_report
+from medseg.evaluate import slices
+from medseg.evaluate.cases import Tolerance, evaluate_case, evaluate_pairs, surface_tolerances, task_tolerances
+from medseg.evaluate.matching import Pair, is_dataset_folder, match_cases, match_dataset
+from medseg.evaluate.profile import write_profiles
+from medseg.evaluate.report import Row, write_report
+from medseg.io import Grid
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str | Path | None = None,
-                   labels: str | Path | None = None, tolerance_mm: Tolerance = DEFAULT_TOLERANCE_MM,
-                   warn: Callable[[str], None] = _stderr) -> dict[str, dict[str, dict]]:
-    """`medseg evaluate`: match files, evaluate every pair, write the report into `out`.
-
-    Args:
-        pred, ref: two mask files, or two folders matched by case name; or a folder of predictions and
-            a dataset folder (see `match_dataset`), whose organs not contoured in a case are skipped.
-        out: output folder (metrics.csv, summary.json, dice_boxplot.png).
-        task: task name or file giving organ names; or
-        labels: JSON/YAML file of label id -> organ name. Neither: the dataset.json's labels when `ref`
-            is a dataset that has them, else organs are `label_<value>`.
-        tolerance_mm: surface Dice tolerance in mm, or organ name -> tolerance.
-        warn: receives one line per problem that does not stop the evaluation (missing partners).
-
-    Returns:
-        The summary written to summary.json.
-    """
-    if task is not None and labels is not None:
-        raise InputError("give organ names with --task or with --labels, not both")
-    organs = None
-    if task is not None:
-        organs = load_task(task).label_names
-    elif labels is not None:
-        organs = read_labels_file(labels)
+def _pairs(pred: str | Path, ref: str | Path, organs: dict[int, str] | None,
+           warn: Callable[[str], None]) -> tuple[list[Pair], dict[int, str] | None, dict[str, set[str]]]:
+    """(case, prediction, reference) triples, the organ names (a dataset's own when none were given), and
+    case -> organs its reference did not contour."""
     not_contoured: dict[str, set[str]] = {}
     if Path(ref).is_dir() and is_dataset_folder(ref):
         pairs, lone_preds, contoured = match_dataset(pred, ref)
@@ -74,5 +59,70 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str
         raise InputError(f"no prediction in {pred} matches a reference in {ref} by case name "
                          f"(unmatched predictions: {', '.join(lone_preds[:5]) or 'none'}; "
                          f"references: {', '.join(lone_refs[:5]) or 'none'})")
-    rows = evaluate_pairs(pairs, organs, tolerance_mm, not_contoured)
-    return write_report(rows, out)
+    return pairs, organs, not_contoured
+
+
+def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str | Path | None = None,
+                   labels: str | Path | None = None, tolerance_mm: Tolerance | None = None,
+                   warn: Callable[[str], None] = _stderr) -> dict[str, dict[str, dict]]:
+    """`medseg evaluate`: match files, evaluate every pair, write the report into `out`.
+
+    Args:
+        pred, ref: two mask files, or two folders matched by case name; or a folder of predictions and
+            a dataset folder (see `match_dataset`), whose organs not contoured in a case are skipped.
+        out: output folder (metrics.csv, summary.json, dice_boxplot.png, slices.csv, profiles/<case>.png).
+        task: task name or file giving organ names, colours and surface Dice tolerances; or
+        labels: JSON/YAML file of label id -> organ name. Neither: the dataset.json's labels when `ref`
+            is a dataset that has them, else organs are `label_<value>`.
+        tolerance_mm: surface Dice tolerance in mm, or organ name -> tolerance; None: each organ's
+            `tolerance_mm` in the task file, else 2 mm (marked as the fallback in the summary).
+        warn: receives one line per problem that does not stop the evaluation (missing partners).
+
+    Returns:
+        The summary written to summary.json.
+    """
+    if task is not None and labels is not None:
+        raise InputError("give organ names with --task or with --labels, not both")
+    organs, from_task, colors = None, {}, {}
+    if task is not None:
+        loaded = load_task(task)
+        organs, from_task = loaded.label_names, task_tolerances(loaded.labels)
+        colors = {label.name: label.color for label in loaded.labels}
+    elif labels is not None:
+        organs = read_labels_file(labels)
+    pairs, organs, not_contoured = _pairs(pred, ref, organs, warn)
+    slice_rows: list[slices.SliceRow] = []
+
+    def measure_slices(case, ref_map, pred_map, grid) -> None:
+        slice_rows.extend(slices.slice_rows(ref_map, pred_map, grid, organs, not_contoured.get(case, ()), case))
+
+    given = tolerance_mm if tolerance_mm is not None else from_task
+    rows = evaluate_pairs(pairs, organs, given, not_contoured, on_pair=measure_slices)
+    names = dict.fromkeys(r["organ"] for r in rows if r["organ"] != CASE_ORGAN)
+    return _write(rows, slice_rows, out, surface_tolerances(names, from_task, tolerance_mm), colors)[0]
+
+
+def _write(rows: list[Row], slice_rows: list[slices.SliceRow], out: str | Path,
+           tolerances: dict[str, tuple[float, str]], colors: dict) -> tuple[dict, list[Path]]:
+    """The report files in `out`; returns the summary and the slice report's files (CSV, profile PNGs)."""
+    worst = slices.worst_slices(slice_rows)
+    summary = write_report(rows, out, tolerances, worst)
+    return summary, [slices.write_slices_csv(slice_rows, out), *write_profiles(slice_rows, out, colors, worst)]
+
+
+def report_case(ref: np.ndarray, pred: np.ndarray, grid: Grid, organs: dict[int, str], task: Task,
+                out: str | Path, case: str) -> tuple[list[Row], dict, list[Path]]:
+    """One case scored against its reference and reported into `out`, as `medseg predict --reference` does.
+
+    Writes what `medseg evaluate` writes for one case (metrics.csv, summary.json, dice_boxplot.png,
+    slices.csv, profiles/<case>.png), with the task's surface Dice tolerances and colours.
+
+    Returns:
+        (metric rows, summary, [slices.csv, profile PNG]).
+    """
+    from_task = task_tolerances(task.labels)
+    rows = evaluate_case(ref, pred, grid.spacing, organs, from_task, case=case)
+    slice_rows = slices.slice_rows(ref, pred, grid, organs, case=case)
+    tolerances = surface_tolerances(organs.values(), from_task)
+    summary, files = _write(rows, slice_rows, out, tolerances, {label.name: label.color for label in task.labels})
+    return rows, summary, files

@@ -18,9 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.dicom.export import DicomOutputs, check_dicom_inputs, write_dicom_outputs
+from medseg.dicom.series import series_files
 from medseg.distributed import World
 from medseg.errors import InputError
+from medseg.infer.ensemble import make_predictor, model_folders, postprocessing_of
 from medseg.infer.predictor import Predictor, Segmentation
+from medseg.infer.qa import Checker
 from medseg.runtime import resolve_device
 from medseg.io import (case_name, from_array, is_image_path, read_image, read_label, write_image, write_sitk,
                        write_text)
@@ -39,6 +43,11 @@ class PredictOptions:
     overlays: bool = True
     runs: Path = Path("runs")
     precision: str = "auto"  # auto, bf16 or fp32 (medseg.runtime.resolve_precision)
+    backend: str = "auto"  # auto, torch or openvino (medseg.infer.backends.resolve_backend)
+    series: str | None = None  # series UID to read from DICOM folders holding several
+    uncertainty: bool = False  # per-voxel uncertainty maps and per-organ confidence (medseg.infer.uncertainty)
+    dicom_seg: bool = False  # DICOM series inputs: also <case>_seg.dcm, a DICOM-SEG (medseg.dicom.export)
+    rtstruct: bool = False  # DICOM series inputs: also <case>_rtstruct.dcm, an RTSTRUCT
 
 
 def find_model(task: str, runs: Path = Path("runs")) -> Path:
@@ -63,6 +72,16 @@ def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
     return scans
 
 
+def check_dicom_folders(scans: Sequence[Path], series: str | None) -> None:
+    """Refuse, before the model loads, a DICOM folder whose series is ambiguous or whose slices are not a
+    regular stack (`medseg.dicom.series`): headers only, so it costs milliseconds, and nothing is written."""
+    from medseg.dicom.series import series_files
+
+    for scan in scans:
+        if scan.is_dir():
+            series_files(scan, series)
+
+
 def match_references(references: Sequence[Path]) -> dict[str, Path]:
     """Reference label maps by case name (folders are expanded)."""
     found = {}
@@ -82,6 +101,10 @@ def _write_masks(seg: Segmentation, task, out: Path, case: str) -> float:
         for label_id, organ in seg.organs.items():
             write_image(seg.probabilities[label_id], seg.grid, out / f"{case}_prob_{organ}.nii.gz")
     write_viewer_files(seg.labels, seg.grid, task.labels, out, case, image=mask)
+    if seg.uncertainty is not None:
+        from medseg.infer.uncertainty import write_maps
+
+        write_maps(seg.uncertainty, seg.disagreement, seg.grid, out, case)
     return time.perf_counter() - start
 
 
@@ -100,7 +123,10 @@ def write_outputs(seg: Segmentation, image, case: str, out: Path, task, options:
         organs = seg.volumes()
         row = _evaluate_and_draw(seg, organs, image, case, out, task, options, reference)
         row["seconds"]["write"] = round(masks.result(), 3)
-    volumes = {"case": case, "organs": organs, "seconds": row["seconds"]}
+    row["flags"] = seg.flags  # medseg.infer.qa, worst first
+    if seg.confidence:
+        row["confidence"] = {organ: values.get("confidence") for organ, values in organs.items()}
+    volumes = {"case": case, "organs": organs, "flags": seg.flags, "seconds": row["seconds"]}
     write_text(json.dumps(volumes, indent=2), out / f"{case}_volumes.json")
     return row
 
@@ -111,15 +137,18 @@ def _evaluate_and_draw(seg: Segmentation, organs: dict, image, case: str, out: P
     row = {"case": case, "volumes_ml": {k: v["volume_ml"] for k, v in organs.items()}, "overlays": []}
     ref_labels = None
     if reference is not None:
-        from medseg.evaluate.cases import evaluate_case
-        from medseg.evaluate.report import write_report
+        from medseg.evaluate.run import report_case
 
         ref_labels, ref_grid = read_label(reference)
         if not ref_grid.matches(seg.grid):
             raise InputError(f"reference {reference} is not on the grid of the scan ({seg.grid.describe()})")
-        rows = evaluate_case(ref_labels, seg.labels, seg.grid.spacing, seg.organs, case=case)
-        write_report(rows, out / f"{case}_metrics")
+        # <case>_metrics/: metrics, the task's surface Dice tolerances, slices.csv and the profile plot
+        rows, summary, files = report_case(ref_labels, seg.labels, seg.grid, seg.organs, task, out / f"{case}_metrics",
+                                           case)
         row["dice"] = {r["organ"]: r["value"] for r in rows if r["metric"] == "dice"}
+        row["slice_files"] = [p.relative_to(out).as_posix() for p in files]
+        row["worst_slices"] = {organ: s["worst_slices"][case]["lowest_dice"][0] for organ, s in summary.items()
+                               if s.get("worst_slices", {}).get(case, {}).get("lowest_dice")}
     if options.overlays:
         from medseg.review.overlays import write_overlays
 
@@ -129,6 +158,10 @@ def _evaluate_and_draw(seg: Segmentation, organs: dict, image, case: str, out: P
             paths = write_overlays(image, (seg.labels, seg.grid), task, out, reference=ref, case=case)
         else:
             paths = write_overlays(*around_organs(seg, image), task, out, case=case)
+        if seg.uncertainty is not None:  # the review page's uncertainty layer
+            from medseg.review.heatmap import write_uncertainty_picture
+
+            paths.append(write_uncertainty_picture(image, seg, task, out, case))
         row["overlays"] = [p.name for p in paths]
         seconds["overlays"] = time.perf_counter() - start
     row["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
@@ -152,6 +185,35 @@ def around_organs(seg: Segmentation, image: tuple) -> tuple[tuple, tuple]:
     return (image[0][(slice(None), *box)], grid), (np.asfortranarray(seg.labels[box]), grid)
 
 
+def _print_case(row: dict, log) -> None:
+    """A case's volumes (and confidence) and timings on one line, then its QA flags, on stderr."""
+    import sys
+
+    from medseg.infer.qa import format_flags
+
+    timing = ", ".join(f"{k} {v:.2f} s" for k, v in row["seconds"].items())
+    confidence = row.get("confidence") or {}
+    volumes = ", ".join(f"{k} {v:.1f} mL" + (f" (confidence {confidence[k]:.2f})" if confidence.get(k) else "")
+                        for k, v in row["volumes_ml"].items())
+    print(f"{row['case']}: {volumes} ({timing})", file=sys.stderr)
+    for line in format_flags(row["case"], row.get("flags", [])):
+        print(line, file=sys.stderr)
+    log.info("%s: %s", row["case"], timing)
+
+
+def _write_summary(out: Path, model: Path, predictor, rows: list[dict], failures: list, check) -> None:
+    """summary.json (post-processing and its source, cases, failures, QA flags worst first) and review.html."""
+    import sys
+
+    from medseg.review.page import write_review_page
+
+    write_text(json.dumps({"model": str(model), "postprocessing": postprocessing_of(predictor), "cases": rows,
+                           "failed": [{"input": str(p), "error": m} for p, m in failures], **check.report(rows)},
+                          indent=2), out / "summary.json")
+    print(check.closing_line(rows), file=sys.stderr)
+    write_review_page(out, rows)
+
+
 def _in_scan_order(shares: list[list[tuple]]) -> list[tuple]:
     """The items of every rank in the order of the scans (each item starts with its scan's index)."""
     return sorted((item for share in shares for item in share), key=lambda item: item[0])
@@ -170,13 +232,22 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
 
     from tqdm import tqdm
 
+    from medseg.infer.backends import describe_backend
+
     log = logging.getLogger("medseg.predict")
     world = world or World(resolve_device(options.device))
-    model = Path(options.model) if options.model else find_model(options.task, options.runs)
-    predictor = Predictor(model, device=str(world.device), fast=options.fast, tta=options.tta or None,
-                          precision=options.precision)
-    task = predictor.task
     scans = expand_inputs(inputs)
+    check_dicom_folders(scans, options.series)
+    dicom = DicomOutputs(seg=options.dicom_seg, rtstruct=options.rtstruct)
+    check_dicom_inputs(scans, dicom)  # NIfTI inputs cannot have DICOM outputs: refused before any work
+    model = Path(options.model) if options.model else find_model(options.task, options.runs)
+    predictor = make_predictor(model, str(world.device), options.fast, options.tta, options.precision,
+                               options.uncertainty, options.backend)  # a cross-validation folder: its folds' ensemble
+    if world.is_main:
+        print(f"{model.name}: {describe_backend(predictor)}", file=sys.stderr)
+    task = predictor.task
+    check = Checker(model_folders(model), task, postprocessing_of(predictor)["largest_component"],
+                    with_confidence=not isinstance(predictor, Predictor))
     refs = match_references(references)
     out = Path(out)
     rows, failures = [], []  # (scan index, row) and (scan index, input, message)
@@ -186,32 +257,32 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
         case = case_name(scan)
         try:
             start = time.perf_counter()
-            image = read_image(scan, dtype=None)  # the file's voxel type: int16 for a CT
+            series = options.series if scan.is_dir() else None
+            image = read_image(scan, dtype=None, series_uid=series)  # the file's voxel type: int16 for a CT
             read_seconds = time.perf_counter() - start
             seg = predictor.predict(image, keep_probabilities=options.probabilities)
             seg.seconds["read"] = read_seconds
+            seg.flags = check(seg)
             row = write_outputs(seg, image, case, out, task, options, refs.get(case))
+            if dicom.wanted:
+                files = series_files(scan, options.series)
+                row["dicom"] = [p.name for p in write_dicom_outputs(seg.labels, seg.grid, files, task, model, out, case,
+                                                                    dicom)]
+                print(f"{case}: wrote {', '.join(row['dicom'])}" if row["dicom"] else
+                      f"{case}: no organ segmented, so no DICOM-SEG/RTSTRUCT written", file=sys.stderr)
         except InputError as error:
             message = str(error).splitlines()[0]
             failures.append((index, scan, message))
             print(f"error: {message}", file=sys.stderr)
             continue
         rows.append((index, row))
-        timing = ", ".join(f"{k} {v:.2f} s" for k, v in row["seconds"].items())
-        volumes = ", ".join(f"{k} {v:.1f} mL" for k, v in row["volumes_ml"].items())
-        print(f"{case}: {volumes} ({timing})", file=sys.stderr)
-        log.info("%s: %s", case, timing)
+        _print_case(row, log)
     rows = [row for _, row in _in_scan_order(world.gather(rows))]
     failures = [(scan, message) for _, scan, message in _in_scan_order(world.gather(failures))]
     if not world.is_main:
         return failures
     if rows:
-        from medseg.review.page import write_review_page
-
-        write_text(json.dumps({"model": str(model), "cases": rows,
-                               "failed": [{"input": str(p), "error": m} for p, m in failures]}, indent=2),
-                   out / "summary.json")
-        write_review_page(out, rows)
+        _write_summary(out, model, predictor, rows, failures, check)
     print(f"{len(rows)} of {len(scans)} scans segmented into {out}" + (f"; {len(failures)} failed" if failures else ""),
           file=sys.stderr)
     return failures

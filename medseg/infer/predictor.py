@@ -8,7 +8,7 @@ overlapping windows (`medseg.infer.stitching`, flipped copies with `medseg.infer
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,12 +20,14 @@ from medseg.config import Task
 from medseg.data.preprocess import Preprocessing, normalize_, to_model_grid
 from medseg.errors import InputError
 from medseg.geometry import body_box
+from medseg.infer.backends import backend_network
 from medseg.infer.resample import contested_box, resample_box
 from medseg.infer.tta import flipped_logits
+from medseg.infer.uncertainty import CONFIDENCE_SCORE
 from medseg.io import Grid, read_image
 from medseg.model.folder import load_checkpoint, read_run_config
 from medseg.model.networks import NetworkPlan, build_network
-from medseg.runtime import prepare_network, resolve_device, resolve_precision
+from medseg.runtime import resolve_device, resolve_precision
 
 
 # ---------------------------------------------------------------------------------- model folder
@@ -39,17 +41,19 @@ class ModelBundle:
     task: Task
     preprocessing: Preprocessing
     plan: NetworkPlan
-    network: torch.nn.Module
+    network: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]  # windows (B, C, x, y, z) -> logits
     device: torch.device
     precision: str = "auto"  # 'bf16' or 'fp32' once loaded; see medseg.runtime.resolve_precision
+    backend: str = "torch"  # what runs `network`: 'torch' or 'openvino' (medseg.infer.backends)
 
 
 def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best",
-               precision: str = "auto") -> ModelBundle:
+               precision: str = "auto", backend: str = "auto") -> ModelBundle:
     """Rebuild the network from the folder's config.json and load `best.pt` (or `last.pt`).
 
     The network is laid out for `device` and `precision` ('auto', 'bf16', 'fp32') by
-    `medseg.runtime.prepare_network`.
+    `medseg.runtime.prepare_network`, or compiled by OpenVINO (`backend`: 'auto', 'torch', 'openvino';
+    `medseg.infer.backends.backend_network`).
     """
     folder = Path(folder)
     config = read_run_config(folder)
@@ -63,8 +67,10 @@ def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best
     network.load_state_dict(state["model"])
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
-    prepare_network(network, torch_device, precision).eval()
-    return ModelBundle(folder, config.task, config.preprocessing, config.network, network, torch_device, precision)
+    window = (config.network.in_channels, *config.network.patch_size)
+    network, backend = backend_network(network, backend, torch_device, precision, weights, window)
+    return ModelBundle(folder, config.task, config.preprocessing, config.network, network, torch_device, precision,
+                       backend)
 
 # ------------------------------------------------------------------------------------ predictor
 
@@ -84,6 +90,12 @@ class Segmentation:
     organs: dict[int, str]
     probabilities: np.ndarray | None = None  # (K, X, Y, Z) uint8 percent, with keep_probabilities
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
+    # from an ensemble or with --uncertainty (medseg.infer.uncertainty): (X, Y, Z) float32 maps on the grid
+    uncertainty: np.ndarray | None = None  # normalised predictive entropy
+    disagreement: np.ndarray | None = None  # mutual information of the members (folds, flips); None for one
+    confidence: dict[str, dict] = field(default_factory=dict)  # organ -> scores (uncertainty.organ_confidence)
+    pieces: dict[str, list[int]] = field(default_factory=dict)  # organ -> piece voxels before the largest-piece step
+    flags: list[dict] = field(default_factory=list)  # QA flags (medseg.infer.qa), worst first
 
     @cached_property
     def extent(self) -> tuple[slice, slice, slice] | None:
@@ -100,16 +112,20 @@ class Segmentation:
 
         inside = self.labels[self.extent] if self.extent else self.labels[:0]
         counts = voxel_counts(inside, minlength=max(self.organs) + 1)
-        return {name: {"volume_ml": float(counts[i] * self.grid.voxel_volume_ml), "voxels": int(counts[i])}
-                for i, name in self.organs.items()}
+        volumes = {name: {"volume_ml": float(counts[i] * self.grid.voxel_volume_ml), "voxels": int(counts[i])}
+                   for i, name in self.organs.items()}
+        for name, scores in self.confidence.items():  # with an ensemble or --uncertainty
+            volumes[name]["confidence"] = scores.get(CONFIDENCE_SCORE)
+        return volumes
 
 
 class Predictor:
     """`Predictor(model_dir).predict(image)`: the Python face of `medseg predict`."""
 
     def __init__(self, model: str | Path | ModelBundle, device: str = "auto", fast: bool = False,
-                 tta: bool | None = None, checkpoint: str = "best", precision: str = "auto"):
-        self.bundle = model if isinstance(model, ModelBundle) else load_model(model, device, checkpoint, precision)
+                 tta: bool | None = None, checkpoint: str = "best", precision: str = "auto", backend: str = "auto"):
+        self.bundle = (model if isinstance(model, ModelBundle)
+                       else load_model(model, device, checkpoint, precision, backend))
         settings = self.bundle.task.inference
         self.overlap = settings.fast_overlap if fast else settings.overlap
         self.tta = settings.tta if tta is None else tta
@@ -163,9 +179,11 @@ class Predictor:
 
         start = time.perf_counter()
         keep_ids = [self.task.label_id(name) for name in self.task.inference.largest_component]
-        labels = keep_largest_component(labels, keep_ids, in_place=True)  # ours: no copy
+        pieces: dict[int, np.ndarray] = {}
+        labels = keep_largest_component(labels, keep_ids, in_place=True, pieces=pieces)  # ours: no copy
         seconds["postprocess"] = time.perf_counter() - start
-        return Segmentation(labels, grid, self.task.label_names, kept, seconds)
+        return Segmentation(labels, grid, self.task.label_names, kept, seconds,
+                            pieces={self.task.label_names[i]: sizes.tolist() for i, sizes in pieces.items()})
 
     def body_box(self, volume: torch.Tensor) -> tuple[slice, slice, slice]:
         """Where the windows go on the model grid: around the body on a CT (`inference.crop_to_body`)."""

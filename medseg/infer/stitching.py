@@ -42,6 +42,8 @@ def sliding_window_logits(network: torch.nn.Module, image: torch.Tensor, roi: Se
     `medseg.runtime.prepare_network` for the fast kernels; in fp32 the result is the same either way.
 
     Args:
+        network: a torch module or a backend's compiled network (`medseg.infer.backends`): windows
+            (B, C, x, y, z) -> logits (B, K, x, y, z).
         image: (C, X, Y, Z) preprocessed volume.
         blending: 'gaussian' (sigma 1/8 of the window, as nnU-Net and MONAI) or 'constant'.
         precision: 'auto', 'bf16' or 'fp32' (`medseg.runtime.resolve_precision`).

@@ -2,7 +2,8 @@
 
 DynUNet is configured the way nnU-Net plans its U-Nets: an axis is downsampled only while its spacing is
 within 2x of the finest axis and it still has at least 8 voxels, and convolutions along a much coarser
-axis use a kernel of 1, so anisotropic CT (thick slices) gets in-plane context first.
+axis use a kernel of 1, so anisotropic CT (thick slices) gets in-plane context first. The DeepLab-style
+network (`medseg.model.deeplab`) takes the same plan with its strides stopped at output stride 8.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def plan_network(config: Network, in_channels: int, out_channels: int, patch_siz
             finest = min(current)
         kernels.append(tuple(3 if s <= 2 * finest else 1 for s in current))
         strides.append(stride)
+    if config.name == "deeplab":  # output stride 8: deeper levels dilate instead of striding
+        from medseg.model.deeplab import atrous_strides
+
+        strides = list(atrous_strides(tuple(strides)))
     return NetworkPlan(config.name, in_channels, out_channels, tuple(config.filters), tuple(kernels), tuple(strides),
                        config.deep_supervision and config.name == "dynunet", config.dropout, tuple(patch_size))
 
@@ -90,7 +95,11 @@ def build_network(plan: NetworkPlan) -> nn.Module:
     if plan.name == "swinunetr":
         return nets.SwinUNETR(in_channels=plan.in_channels, out_channels=plan.out_channels,
                               feature_size=max(12, plan.filters[0] // 12 * 12), spatial_dims=3)
-    raise ValueError(f"unknown network '{plan.name}' (expected dynunet, unet, segresnet or swinunetr)")
+    if plan.name == "deeplab":
+        from medseg.model.deeplab import DeepLab
+
+        return DeepLab(plan)
+    raise ValueError(f"unknown network '{plan.name}' (expected dynunet, unet, segresnet, swinunetr or deeplab)")
 
 
 def main_output(output: torch.Tensor | list | tuple) -> torch.Tensor:

@@ -7,6 +7,9 @@ data first (`review_rows`), then written (`render_page`). The inline script sort
 column header is clicked (or the URL ends in `#sort=KEY` / `#sort=-KEY`), replaces a thumbnail whose
 PNG is missing by a note (and reports it on the console), and marks the table `data-ready`.
 
+With references, a "Worst slices" column links each case's slice report (profile plot, slices.csv from
+`medseg.evaluate.slices`) and names each organ's lowest-Dice slice.
+
 Worst first means: with references, the lowest mean Dice first; without, the cases with the most
 empty organs (0 mL: the model found nothing there) first; then by name.
 """
@@ -22,6 +25,7 @@ from urllib.parse import quote
 
 from medseg.errors import InputError
 from medseg.io import write_text
+from medseg.review import flags as trust
 
 POOR, FAIR = 0.70, 0.85  # Dice shading: red below POOR, amber below FAIR, green from FAIR
 
@@ -39,9 +43,15 @@ def _check(case: Mapping, position: int) -> None:
     for key in ("volumes_ml", "dice"):
         if case.get(key) is not None and not isinstance(case[key], Mapping):
             raise InputError(f"review case '{case['case']}': '{key}' must map organ names to numbers, got {case[key]!r}")
-    overlays = case.get("overlays") or []
-    if isinstance(overlays, (str, Path)) or not all(isinstance(p, (str, Path)) for p in overlays):
-        raise InputError(f"review case '{case['case']}': 'overlays' must be a list of PNG paths, got {overlays!r}")
+    for key, what in (("overlays", "PNG paths"), ("slice_files", "file paths")):
+        paths = case.get(key) or []
+        if isinstance(paths, (str, Path)) or not all(isinstance(p, (str, Path)) for p in paths):
+            raise InputError(f"review case '{case['case']}': '{key}' must be a list of {what}, got {paths!r}")
+    trust.check_flags(case)
+    worst = case.get("worst_slices") or {}
+    if not isinstance(worst, Mapping) or not all(isinstance(w, Mapping) and "z_mm" in w for w in worst.values()):
+        raise InputError(f"review case '{case['case']}': 'worst_slices' must map organ names to "
+                         f"{{z_mm, dice}}, got {worst!r}")
 
 
 def mean_dice(case: Mapping) -> float:
@@ -56,13 +66,15 @@ def empty_organs(case: Mapping) -> list[str]:
 
 
 def review_rows(cases: Sequence[Mapping]) -> list[Mapping]:
-    """Cases worst first: lowest mean Dice first, then cases without Dice, most empty organs first; ties by name."""
+    """Cases worst first: lowest mean Dice first, then cases without Dice; then the heaviest QA flags, then the
+    most empty organs; ties by name."""
     for position, case in enumerate(cases):
         _check(case, position)
 
     def worst_first(case: Mapping) -> tuple:
         score = mean_dice(case)
-        return math.isnan(score), 0.0 if math.isnan(score) else score, -len(empty_organs(case)), case["case"]
+        return (math.isnan(score), 0.0 if math.isnan(score) else score, -trust.case_severity(case),
+                -len(empty_organs(case)), case["case"])
 
     return sorted(cases, key=worst_first)
 
@@ -103,8 +115,25 @@ def _overlay_cell(name: str, overlays: Sequence[str | Path], out: Path) -> str:
         return "<td>no overlay</td>"
     target = next((p for p in montages if _view_name(p) == "axial"), thumb)
     links = " ".join(f'<a href="{esc(_href(p, out))}">{esc(_view_name(p))}</a>' for p in montages)
+    uncertainty = trust.uncertainty_of(overlays)  # shown instead of the thumbnail by the page's switch
+    layer = trust.uncertainty_image(name, None if uncertainty is None else _href(uncertainty, out))
     return (f'<td><a href="{esc(_href(target, out))}"><img class="thumb" src="{esc(_href(thumb, out))}" '
-            f'alt="overlay of {esc(name)}" loading="lazy"></a><div class="links">{links}</div></td>')
+            f'alt="overlay of {esc(name)}" loading="lazy">{layer}</a><div class="links">{links}</div></td>')
+
+
+def _slices_cell(row: Mapping, out: Path) -> str:
+    """Links to the case's slice report (profile plot, slices.csv) and the worst slice of each organ that has
+    one below FAIR, worst first; sorted by the lowest slice Dice."""
+    esc = html.escape
+    links = " ".join(f'<a href="{esc(_href(p, out))}">{"profile" if str(p).endswith(".png") else esc(Path(p).name)}</a>'
+                     for p in row.get("slice_files") or [])
+    worst = sorted((row.get("worst_slices") or {}).items(), key=lambda item: _number(item[1].get("dice")))
+    lines = "".join(f'<div>{esc(organ)} z {_number(w["z_mm"]):.1f} mm: Dice {_number(w.get("dice")):.2f}</div>'
+                    for organ, w in worst if _number(w.get("dice")) < FAIR)
+    lowest = _number(worst[0][1].get("dice")) if worst else math.nan
+    lines = lines or ("" if math.isnan(lowest) else f"<div>every slice Dice &ge; {FAIR:.2f}</div>")
+    return (f'<td class="slices" data-value="{"" if math.isnan(lowest) else repr(lowest)}">'
+            f'<div class="links">{links}</div>{lines}</td>')
 
 
 def render_page(rows: Sequence[Mapping], out: Path) -> str:
@@ -119,6 +148,12 @@ def render_page(rows: Sequence[Mapping], out: Path) -> str:
     columns = [("rank", "#", "number"), ("case", "Case", "text"), ("overlay", "Overlay", "")]
     if with_dice:
         columns.append(("mean_dice", "Mean Dice", "number"))
+    with_slices = any(row.get("slice_files") or row.get("worst_slices") for row in rows)
+    if with_slices:
+        columns.append(("worst_slice", "Worst slices", "number"))
+    with_flags = any(row.get("flags") for row in rows)
+    if with_flags:
+        columns.append(("flags", "QA flags", "number"))
     columns.append(("empty", "Empty organs", "number"))
     for organ in organs:
         columns.append((f"ml:{organ}", f"{organ} mL", "number"))
@@ -137,14 +172,21 @@ def render_page(rows: Sequence[Mapping], out: Path) -> str:
                  _overlay_cell(name, row.get("overlays") or [], out)]
         if with_dice:
             cells.append(_cell(mean_dice(row), 3, shade=True))
+        if with_slices:
+            cells.append(_slices_cell(row, out))
+        if with_flags:
+            cells.append(trust.flags_cell(row))
         cells.append(f'<td data-value="{len(empty)}"{" class=empty" if empty else ""}>{esc(", ".join(empty))}</td>')
         for organ in organs:
             cells.append(_cell(_number((row.get("volumes_ml") or {}).get(organ)), 1))
             if with_dice:
                 cells.append(_cell(_number((row.get("dice") or {}).get(organ)), 3, shade=True))
-        body.append(f'<tr data-case="{esc(name)}">{"".join(cells)}</tr>')
+        body.append(f'<tr data-case="{esc(name)}" id="{trust.anchor(name)}">{"".join(cells)}</tr>')
     order = "lowest mean Dice first" if with_dice else "most empty organs first, then by name"
+    if with_flags and not with_dice:
+        order = "heaviest QA flags first, then most empty organs, then by name"
     return _PAGE.format(count=len(rows), order=order, head=head, body="\n".join(body),
+                        flags=trust.flags_section(rows) + trust.uncertainty_switch(rows), trust_style=trust.STYLE,
                         dice_note="" if not with_dice else
                         f" Dice shading: red &lt; {POOR:.2f} &le; amber &lt; {FAIR:.2f} &le; green.",
                         script=_SCRIPT)
@@ -156,8 +198,10 @@ def write_review_page(out: str | Path, cases: list[dict]) -> Path:
     Args:
         out: output folder (the overlays' paths are relative to it).
         cases: one dict per case: `case` (name), `volumes_ml` ({organ: mL}), optional `dice`
-            ({organ: value}, NaN for organs absent from both masks) and `overlays` (PNG paths,
-            relative to `out`; the one ending in `_thumb.png`, else `_axial.png`, is the thumbnail).
+            ({organ: value}, NaN for organs absent from both masks), `overlays` (PNG paths,
+            relative to `out`; the one ending in `_thumb.png`, else `_axial.png`, is the thumbnail),
+            `slice_files` (the slice report: profile PNG and slices.csv, linked) and `worst_slices`
+            ({organ: {z_mm, dice}}, each organ's lowest-Dice slice, listed worst first).
 
     Returns:
         The page's path.
@@ -225,6 +269,10 @@ _SCRIPT = """
     img.addEventListener("load", function () { img.setAttribute("data-state", "loaded"); });
     img.addEventListener("error", function () { missing(img); });
   });
+  var toggle = document.getElementById("show-uncertainty");  /* the uncertainty layer (medseg.review.flags) */
+  if (toggle) {
+    toggle.addEventListener("change", function () { table.classList.toggle("uncertainty", toggle.checked); });
+  }
   var match = /^#sort=(-?)(.+)$/.exec(location.hash);
   if (match) {
     var col = keyed(decodeURIComponent(match[2]));
@@ -257,13 +305,13 @@ _PAGE = """<!DOCTYPE html>
   td.empty, .missing {{ color: #a00; font-weight: 600; }}
   td.empty {{ max-width: 14em; }}
   .links a {{ margin-right: .6em; }}
-</style>
+  td.slices {{ font-size: 12px; white-space: nowrap; }}{trust_style}</style>
 </head>
 <body>
 <h1>Segmentation review</h1>
 <p>{count} cases, {order}. Click a column header to sort; click a thumbnail or view name for the full-size
 overlay (axial seen from the feet: patient's right on image left).{dice_note}</p>
-<table id="cases">
+{flags}<table id="cases">
 <thead><tr>{head}</tr></thead>
 <tbody>
 {body}

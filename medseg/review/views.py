@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from medseg.geometry import Box, axis_order, grow_mm, organ_boxes, union
 from medseg.io import Grid
-from medseg.geometry import Box, grow_mm, organ_boxes, union
 
 TILES = 8  # slices per view
 DISAGREEMENT_TILES = 2  # of TILES, with a reference: the slices where reference and prediction differ most
@@ -38,8 +37,7 @@ def canonical(array: np.ndarray, grid: Grid) -> tuple[np.ndarray, Grid]:
     reordered (a view, no copy), so an oblique scan keeps its small tilt in the returned grid.
     """
     direction = np.reshape(grid.direction, (3, 3))
-    # perm[w] is the voxel axis running closest to world axis w
-    perm = max(itertools.permutations(range(3)), key=lambda p: sum(abs(direction[w, p[w]]) for w in range(3)))
+    perm = axis_order(grid.direction)  # perm[w] is the voxel axis running closest to world axis w
     shape = tuple(grid.shape[p] for p in perm)
     index_map = np.eye(4)[:, [*perm, 3]]  # canonical index -> file index
     out = np.transpose(array, perm)

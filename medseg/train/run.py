@@ -43,6 +43,7 @@ from medseg.train.runfolder import (MetricsTable, TensorBoard, make_logger, rng_
                                     silent_logger)
 from medseg.train.budget import Budget, Plan, choose_width, make_plan
 from medseg.train.steps import Progress, WeightAverage, learning_rate, make_loss, make_optimizer, train_one_epoch
+from medseg.train.transfer import check_options, freeze_for_epoch, start_weights
 from medseg.train.validation import validate
 
 
@@ -62,6 +63,8 @@ class TrainOptions:
     resume: bool = False
     compile: bool = False
     precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU runs bf16 natively (medseg.runtime)
+    init_weights: Path | None = None  # model folder or checkpoint to start from (medseg.train.transfer)
+    freeze_encoder_epochs: int = 0  # with init_weights: epochs the encoder stays frozen
 
 
 # ---------------------------------------------------------------------------- the run folder
@@ -162,6 +165,7 @@ class _Training:
     validate_every: int = 1  # epochs between intermediate validations (the task's, then the plan's)
     plan: Plan | None = None
     preprocessing_seconds: float = 0.0
+    freeze_epochs: int = 0  # the encoder is frozen before this epoch (medseg.train.transfer)
 
     @property
     def total_steps(self) -> int:
@@ -222,6 +226,7 @@ def _load_subjects(config: RunConfig, folder: Path, world: World) -> tuple[list,
 
 def _start(options: TrainOptions, world: World, budget: Budget) -> _Training:
     """Open the run, load the cases, build (or restore) network and optimiser on this rank."""
+    check_options(options.init_weights, options.freeze_encoder_epochs, world.size)
     folder, config = world.from_main(lambda: _open_run(options))
     log = make_logger(folder) if world.is_main else silent_logger()
     device, task, plan = world.device, config.task, config.network
@@ -237,12 +242,14 @@ def _start(options: TrainOptions, world: World, budget: Budget) -> _Training:
              f"cases from {config.data}{shared}; spacing {config.preprocessing.spacing} mm, patch {task.patch_size}, "
              f"{plan.name} {plan.filters}; preprocessed in {preprocessing_seconds:.1f} s on {device} ({precision})")
     network = prepare_network(build_network(plan), device, precision, training=True)
+    freeze_epochs = start_weights(network, folder, plan.name, options.init_weights, options.freeze_encoder_epochs,
+                                  options.resume, log, world.is_main)
     run = _Training(folder, config, world, precision, log, network, network, make_optimizer(task, network),
                     patch_batches(train_subjects, task, device), val_subjects, budget,
                     preprocessing_seconds=preprocessing_seconds, validate_every=task.schedule.validate_every,
                     average=WeightAverage(network, task.schedule.ema_decay) if task.schedule.ema_decay else None,
                     table=MetricsTable(folder / "metrics.csv", list(task.label_names.values())) if world.is_main else None,
-                    board=TensorBoard(folder) if world.is_main else None)
+                    board=TensorBoard(folder) if world.is_main else None, freeze_epochs=freeze_epochs)
     if options.resume and (folder / "last.pt").is_file():  # every rank reads it: the run folder is shared
         _restore(run, load_checkpoint(folder / "last.pt"), options.seed)
     if world.size > 1:  # starts every rank from rank 0's weights, then averages the gradients of each step
@@ -305,6 +312,7 @@ def _epoch(run: _Training, loss_fn, show_bar: bool) -> bool:
     """
     task, progress, world = run.config.task, run.progress, run.world
     epoch_start = time.perf_counter()
+    freeze_for_epoch(run.network, run.config.network.name, progress.epoch, run.freeze_epochs, run.log)
     loss, step_seconds = train_one_epoch(run.model, run.batches, loss_fn, run.optimizer, task, progress, run.fraction,
                                          world.device, show_bar, world, run.precision, run.average)
     loss = world.mean(loss)

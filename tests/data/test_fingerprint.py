@@ -175,3 +175,45 @@ def test_unwritable_fingerprint_target_fails_before_reading(msd, tmp_path):
     (tmp_path / "blocker").write_text("a file")
     with pytest.raises(InputError, match=r"cannot write .*blocker/fp\.json: .*blocker is a file, not a folder"):
         check_dataset(msd, PROSTATE, tmp_path / "blocker" / "fp.json")
+
+
+def test_an_entry_outside_the_folder_is_one_problem_among_all(msd, tmp_path, write_case, capsys):
+    """An escaping entry is refused, and the unreadable and mismatched cases are still listed (exit 1)."""
+    from medseg.cli import main
+
+    image, _, _ = write_case("outside")
+    image.replace(msd.parent / "outside.nii.gz")  # a real, readable scan, but not the dataset's to read
+    (msd / "imagesTr" / "case_000.nii.gz").write_text("not an image")
+    _, label, _ = write_case("other", spacing=(1.0, 1.0, 2.0))
+    label.replace(msd / "labelsTr" / "case_002.nii.gz")
+    entries = json.loads((msd / "dataset.json").read_text())["training"]
+    edit_json(msd / "dataset.json", training=[{"image": "../outside.nii.gz", "label": entries[1]["label"]},
+                                              *entries, {"image": "imagesTr/gone.nii.gz", "label": "labelsTr/gone.nii.gz"}])
+
+    code = main(["check-dataset", str(msd), "--task", "prostate", "--out", str(tmp_path / "fp.json")])
+
+    problems = [line[len("problem: "):] for line in capsys.readouterr().out.splitlines() if line.startswith("problem: ")]
+    assert code == 1
+    assert problems == [
+        "dataset.json: 'training[0].image' points outside the dataset folder: ../outside.nii.gz",
+        "imagesTr/gone.nii.gz: listed in the dataset (case 'gone') but does not exist",
+        "labelsTr/gone.nii.gz: listed in the dataset (case 'gone') but does not exist",
+        "imagesTr/case_000.nii.gz: not a readable image (truncated, corrupt or not NIfTI/NRRD/MHA/DICOM)",
+        ("labelsTr/case_002.nii.gz: label grid (40x36x24 voxels at 1x1x2 mm, orientation LPS) differs from the "
+         "image's (40x36x24 voxels at 1.2x1.1x2.5 mm, orientation PLI)"),
+    ]
+    assert not (tmp_path / "fp.json").exists()
+
+
+def test_organ_statistics_for_the_qa_flags(msd):
+    cases = load_dataset(msd)
+    stats = compute_fingerprint(cases, PROSTATE)["organ_statistics"]
+    labels = [read_label(c.label) for c in cases]
+    bladder = sorted(float((lab == 2).sum()) * grid.voxel_volume_ml for lab, grid in labels)
+    assert stats["bladder"]["cases"] == stats["bladder"]["present"] == 3
+    assert stats["bladder"]["volume_ml"]["min"] == pytest.approx(bladder[0], abs=1e-4)
+    assert stats["bladder"]["volume_ml"]["max"] == pytest.approx(bladder[-1], abs=1e-4)
+    assert stats["bladder"]["one_piece"] == 1.0
+    # blob cases: the bladder sits 0.2 of the extent above the centre, the prostate 0.15 below (world S)
+    assert stats["bladder"]["offset_si_mm"] > 0 > stats["prostate"]["offset_si_mm"]
+    assert stats["prostate"]["height_si_mm"] > 0

@@ -18,7 +18,7 @@ from test_metrics import (
 )
 
 from medseg.config import CASE_ORGAN
-from medseg.evaluate.cases import evaluate_case
+from medseg.evaluate.cases import FALLBACK_SOURCE, evaluate_case, surface_tolerances, task_tolerances
 from medseg.evaluate.report import summarize
 
 
@@ -86,3 +86,18 @@ def test_tolerance_per_organ():
     assert tight["prostate", "surface_dice"] < loose["prostate", "surface_dice"] == 1.0
     with pytest.raises(ValueError, match="unknown organs"):
         evaluate_case(ref, pred, SPACING, ORGANS, tolerance_mm={"liver": 1.0})
+
+
+def test_surface_tolerances_come_from_the_argument_then_the_task_file_then_the_fallback():
+    from medseg.config import load_task
+
+    from_task = task_tolerances(load_task("headneck").labels)
+    assert from_task == {"brainstem": 2.5, "spinal_cord": 2.93, "right_parotid": 2.85, "left_parotid": 2.85,
+                         "mandible": 1.01}
+    table = surface_tolerances(["brainstem", "larynx"], from_task)
+    assert table == {"brainstem": (2.5, "task file"), "larynx": (2.0, FALLBACK_SOURCE)}
+    assert FALLBACK_SOURCE == "fallback 2 mm"
+    assert surface_tolerances(["brainstem", "larynx"], from_task, {"larynx": 4.0}) == {
+        "brainstem": (2.5, "task file"), "larynx": (4.0, "given")}
+    assert surface_tolerances(["brainstem"], from_task, 3.0) == {"brainstem": (3.0, "given")}
+

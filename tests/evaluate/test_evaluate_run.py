@@ -38,7 +38,9 @@ def test_cli_end_to_end_with_task(folders, tmp_path, capsys):
     assert run_cli(["evaluate", "--pred", preds, "--ref", refs, "--task", "prostate", "-o", out]) == 0
     captured = capsys.readouterr()
 
-    assert {p.name for p in out.iterdir()} == {"metrics.csv", "summary.json", "dice_boxplot.png"}
+    assert {p.name for p in out.iterdir()} == {"metrics.csv", "summary.json", "dice_boxplot.png", "slices.csv",
+                                               "profiles"}
+    assert {p.name for p in (out / "profiles").iterdir()} == {"case_0.png", "case_1.png"}
     assert (out / "dice_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = read_csv(out / "metrics.csv")
     assert list(rows[0]) == ["case", "organ", "metric", "value"]
@@ -149,3 +151,30 @@ def test_dataset_reference_skips_uncontoured_organs(folders, tmp_path, capsys):
     assert "case_2" not in {r["case"] for r in rows}  # a dataset case without a prediction is not an error
 
 
+
+
+def test_surface_dice_tolerance_from_the_task_file_and_the_fallback_marked(folders, tmp_path, capsys):
+    """prostate gets 0.5 mm from the task file (less than the 1.2 mm shift of the predictions); the other organs
+    the 2 mm fallback, marked as such."""
+    preds, refs = folders
+    task = tmp_path / "pelvis.yaml"
+    task.write_text("name: pelvis\nlabels:\n  1: {name: prostate, tolerance_mm: 0.5}\n  2: bladder\n")
+    out = tmp_path / "evaluation"
+    assert run_cli(["evaluate", "--pred", preds, "--ref", refs, "--task", task, "-o", out]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    prostate, bladder = summary["prostate"]["surface_dice"], summary["bladder"]["surface_dice"]
+    assert (prostate["tolerance_mm"], prostate["tolerance_source"]) == (0.5, "task file")
+    assert (bladder["tolerance_mm"], bladder["tolerance_source"]) == (2.0, "fallback 2 mm")
+
+    from medseg.evaluate.cases import evaluate_case
+    from medseg.io import read_label
+
+    expected = []
+    for case in ("case_0", "case_1"):
+        (ref, grid), (pred, _) = read_label(refs / f"{case}.nii.gz"), read_label(preds / f"{case}_seg.nii.gz")
+        rows = evaluate_case(ref, pred, grid.spacing, {1: "prostate"}, tolerance_mm=0.5)
+        expected.append(next(r["value"] for r in rows if r["metric"] == "surface_dice"))
+    assert prostate["mean"] == pytest.approx(np.mean(expected)) and prostate["mean"] < bladder["mean"] == 1.0
+    table = capsys.readouterr().out
+    assert "0.50" in table.split("prostate")[1].splitlines()[0] and "2.00*" in table.split("bladder")[1].splitlines()[0]
+    assert "* surface Dice tolerance: the 2 mm fallback" in table

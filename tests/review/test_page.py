@@ -58,6 +58,8 @@ def test_without_dice_cases_with_empty_organs_come_first():
                  id="dice-list"),
     pytest.param({"case": "c", "overlays": "c_axial.png"}, r"'overlays' must be a list of PNG paths",
                  id="overlays-str"),
+    pytest.param({"case": "c", "worst_slices": {"prostate": 0.2}}, r"'worst_slices' must map organ names to \{z_mm",
+                 id="worst-slices-number"),
 ])
 def test_malformed_cases_are_input_errors(bad, match):
     with pytest.raises(InputError, match=match):
@@ -71,6 +73,27 @@ def test_page_escapes_names_and_links_overlays_relative_to_the_page(tmp_path):
     assert 'href="png/x%20y_axial.png"' in page and 'src="png/x%20y_thumb.png"' in page
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from a network
     assert "default-src 'none'" in page
+
+
+def test_slice_reports_are_linked_and_worst_slices_below_fair_named(tmp_path):
+    row = {**case("c", {"prostate": 0.8, "bladder": 0.9}), "slice_files": ["c_metrics/slices.csv",
+                                                                         "c_metrics/profiles/c.png"],
+           "worst_slices": {"bladder": {"z_mm": 31.25, "dice": 0.9}, "prostate": {"z_mm": -12.04, "dice": 0.1}}}
+    page = render_page([row, case("plain", {"prostate": 0.9})], tmp_path)
+    assert 'data-key="worst_slice"' in page
+    assert '<a href="c_metrics/slices.csv">slices.csv</a> <a href="c_metrics/profiles/c.png">profile</a>' in page
+    assert 'data-value="0.1"' in page and "prostate z -12.0 mm: Dice 0.10" in page
+    assert "bladder z" not in page  # its worst slice is above FAIR
+    assert 'data-key="worst_slice"' not in render_page([case("plain", {"prostate": 0.9})], tmp_path)
+
+
+def test_predict_with_a_reference_links_the_slice_report(predictions):
+    for name in ("good", "poor"):
+        assert (predictions / f"{name}_metrics" / "slices.csv").is_file()
+        assert (predictions / f"{name}_metrics" / "profiles" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    page = (predictions / "review.html").read_text()
+    assert 'href="poor_metrics/profiles/poor.png"' in page and 'href="poor_metrics/slices.csv"' in page
+    assert "rectum z" in page and "every slice Dice &ge; 0.85" in page  # poor misses the rectum; good misses none
 
 
 # --------------------------------------------------------------------------------- in a browser

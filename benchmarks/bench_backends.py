@@ -1,0 +1,328 @@
+"""OpenVINO against torch for `medseg predict` on the CPU, side by side in one run (issue 21).
+
+Variants, each built as `medseg predict` builds it (`medseg.infer.predictor.load_model`):
+- `plain_monai`: the unprepared network in fp32; per window in batches of 4, end to end through MONAI's
+  `sliding_window_inference` with its defaults (sw_batch_size 1), as a plain MONAI script runs it;
+- `torch_fp32`, `torch_bf16`: medseg's torch path (`runtime.prepare_network`; bf16 autocast and
+  channels-last where the CPU has bf16 units). `torch_fp32` is today's default on a CPU without bf16,
+  `torch_bf16` where it has them;
+- `openvino_f32`, `openvino_bf16`: `--backend openvino` (bf16 only where the CPU has bf16 units).
+
+Parts:
+- `window`: seconds per window, forward passes of batches of `sw_batch_size` windows, per model; max
+  |logit - torch fp32| on the same batch. With `--avx2` the same again in a subprocess with
+  `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` (fp32 only), standing for a CPU without AVX-512
+  and bf16: both torch's and OpenVINO's convolutions then run AVX2 kernels (OpenVINO's norm kernels do not
+  follow that setting).
+- `e2e`: `Predictor.predict` from the file to the mask on the scan's grid (read, preprocess, inference,
+  way back, largest piece; output files are the same work for every variant and are left out) on the
+  first sample test scan of the prostate model's task and on an adult-sized 512 x 512 x `--slices`
+  synthetic CT (`bench_predict.make_scan`, scale 1.45).
+- `agreement`: labels of every variant against torch fp32 on trained models (prostate: the sample test
+  cases; headneck: `--cases` of the model's validation cases), and per-organ Dice against the references.
+  Criteria (issue 21): agreement >= 0.999 and |dDice| <= 0.005 for every case and organ.
+- `conversion`: OpenVINO's first conversion (empty cache) and a cached load, per model.
+
+Timing: `--threads` (default 1) for torch and OpenVINO alike; variants interleaved, the minimum of
+`--repeats` (>= 3) after a warm-up. Other jobs shared this machine's two cores: trust ratios more than
+absolute times. Prints JSON and writes benchmarks/results/backends.json (`--out`).
+
+    python benchmarks/bench_backends.py --prostate-model RUN [--headneck-model RUN] [--parts window e2e ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.infer.backends import openvino_network, openvino_version
+from medseg.infer.predictor import Predictor, load_model
+from medseg.model.folder import load_checkpoint, read_run_config
+from medseg.model.networks import build_network
+from medseg.runtime import autocast, cpu_flags, cpu_has_native_bf16, cpu_name, keep_freed_memory
+
+RESULTS = Path(__file__).resolve().parent / "results" / "backends.json"
+PARTS = ("window", "e2e", "agreement", "conversion")
+CPU = torch.device("cpu")
+
+
+def variants(bf16: bool, plain: bool = True) -> list[tuple[str, str, str]]:
+    """(name, backend, precision) of every variant this CPU runs; 'plain' is the unprepared torch network."""
+    found = [("plain_monai", "plain", "fp32")] if plain else []
+    found += [("torch_fp32", "torch", "fp32"), ("openvino_f32", "openvino", "fp32")]
+    if bf16:
+        found += [("torch_bf16", "torch", "bf16"), ("openvino_bf16", "openvino", "bf16")]
+    return found
+
+
+def plain_network(folder: Path) -> torch.nn.Module:
+    """The folder's network as a plain MONAI script has it: fp32, InstanceNorm, NCDHW, eval mode."""
+    network = build_network(read_run_config(folder).network)
+    network.load_state_dict(load_checkpoint(folder / "best.pt")["model"])
+    return network.eval()
+
+
+def load(folder: Path, backend: str, precision: str):
+    """A `ModelBundle` for the variant ('plain': the torch bundle with the unprepared network)."""
+    bundle = load_model(folder, "cpu", precision=precision, backend="torch" if backend == "plain" else backend)
+    if backend == "plain":
+        bundle.network = plain_network(folder)
+    return bundle
+
+
+def interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of every run, one round of all runs at a time, after a warm-up round."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+# ------------------------------------------------------------------------------------ per window
+
+
+def bench_window(folder: Path, bf16: bool, repeats: int) -> dict:
+    """Seconds per window of each variant's forward pass on one batch of `sw_batch_size` windows."""
+    bundles = {name: load(folder, backend, precision) for name, backend, precision in variants(bf16)}
+    first = next(iter(bundles.values()))
+    batch_size = first.task.inference.sw_batch_size
+    batch = torch.randn(batch_size, first.plan.in_channels, *first.plan.patch_size,
+                        generator=torch.Generator().manual_seed(0))
+
+    def forward(bundle):
+        with torch.inference_mode(), autocast(CPU, bundle.precision):
+            return bundle.network(batch).float()  # as `stitching` calls it
+
+    times = interleaved({name: (lambda b=bundle: forward(b)) for name, bundle in bundles.items()}, repeats)
+    reference = forward(bundles["torch_fp32"])
+    best = {name: min(t) / batch_size for name, t in times.items()}
+    return {
+        "network": f"{first.plan.name} {list(first.plan.filters)}", "window": list(first.plan.patch_size),
+        "batch": batch_size, "seconds_per_window_min": {n: round(t, 4) for n, t in best.items()},
+        "all_seconds_per_batch": {n: [round(s, 3) for s in t] for n, t in times.items()},
+        "max_abs_logit_difference_vs_torch_fp32": {n: round(float((forward(b) - reference).abs().max()), 5)
+                                                   for n, b in bundles.items()},
+        "logit_range_torch_fp32": round(float(reference.abs().max()), 2),
+        "speedup": speedups(best),
+    }
+
+
+def speedups(best: dict[str, float]) -> dict[str, float]:
+    """The ratios that answer the issue: OpenVINO against medseg's torch at the same precision, and
+    everything against today's default (`torch_bf16` where the CPU has bf16, else `torch_fp32`)."""
+    default = "torch_bf16" if "torch_bf16" in best else "torch_fp32"
+    ratios = {"openvino_f32_over_torch_fp32": best["torch_fp32"] / best["openvino_f32"]}
+    if "openvino_bf16" in best:
+        ratios["openvino_bf16_over_torch_bf16"] = best["torch_bf16"] / best["openvino_bf16"]
+    ratios.update({f"{name}_over_default_{default}": best[default] / t for name, t in best.items() if name != default})
+    return {k: round(v, 3) for k, v in ratios.items()}
+
+
+def avx2_subprocess(args: argparse.Namespace) -> dict:
+    """The window part again with oneDNN and ATen held to AVX2 (fp32 only)."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    command = [sys.executable, __file__, "--parts", "window", "--no-bf16", "--no-write", "--repeats",
+               str(args.repeats), "--threads", str(args.threads), "--prostate-model", str(args.prostate_model)]
+    if args.headneck_model:
+        command += ["--headneck-model", str(args.headneck_model)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    return {"env": "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2", "window": result["window"]}
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+class PlainMonai(Predictor):
+    """`Predictor` with MONAI's `sliding_window_inference` at its defaults in place of medseg's windows."""
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        from monai.inferers import sliding_window_inference
+
+        with torch.no_grad():  # not inference_mode: `predict` goes on to change the logits in place
+            return sliding_window_inference(image[None], self.bundle.plan.patch_size, 1, self.bundle.network,
+                                            overlap=self.overlap, mode="gaussian")[0]
+
+
+def bench_e2e(folder: Path, scans: dict[str, Path], bf16: bool, repeats: int) -> dict:
+    """Seconds of `Predictor.predict` per scan and variant (min of `repeats`), and its stages."""
+    predictors = {name: (PlainMonai if backend == "plain" else Predictor)(load(folder, backend, precision))
+                  for name, backend, precision in variants(bf16)}
+    result = {}
+    for scan_name, scan in scans.items():
+        last = {}
+        times = interleaved({name: predicting(p, scan, last, name) for name, p in predictors.items()}, repeats)
+        best = {name: min(t) for name, t in times.items()}
+        reference = last["torch_fp32"].labels
+        result[scan_name] = {
+            "scan_shape": list(reference.shape), "seconds_min": {n: round(t, 2) for n, t in best.items()},
+            "all_seconds": {n: [round(s, 2) for s in t] for n, t in times.items()},
+            "stages_of_last_run": {n: {k: round(v, 2) for k, v in seg.seconds.items()} for n, seg in last.items()},
+            "label_agreement_vs_torch_fp32": {n: float(np.mean(seg.labels == reference)) for n, seg in last.items()},
+            "speedup": speedups(best),
+        }
+    return result
+
+
+def predicting(predictor: Predictor, scan: Path, into: dict, name: str):
+    """A run for `interleaved` that keeps its segmentation in `into[name]`."""
+
+    def run():
+        into[name] = predictor.predict(scan)
+
+    return run
+
+
+def adult_scan(folder: Path, slices: int) -> Path:
+    """A 512 x 512 x `slices` planning-CT-sized scan with an adult-sized pelvis (bench_predict's phantom)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_predict import make_scan
+
+    return make_scan(folder / f"adult_512x512x{slices}.nii.gz", slices, scale=1.45)
+
+
+# ------------------------------------------------------------------------------------ agreement
+
+
+def test_cases(folder: Path, count: int) -> list:
+    """Cases with references: the task's sample test cases, else `count` of the run's validation cases."""
+    from medseg.config import sample_data_dir
+    from medseg.data.datasets import load_dataset
+
+    config = read_run_config(folder)
+    if config.task.sample_data and config.data == str(sample_data_dir(config.task.sample_data)):
+        return load_dataset(config.data, "test")
+    held_out = set(config.split.get("validation", [])[:count])
+    return [case for case in load_dataset(config.data, "train") if case.name in held_out]
+
+
+def dice_per_organ(reference: np.ndarray, predicted: np.ndarray, organs: dict[int, str]) -> dict[str, float]:
+    from medseg.evaluate.metrics import confusion, dice
+
+    return {name: float(dice(*confusion(reference == i, predicted == i)[:3])) for i, name in organs.items()}
+
+
+def bench_agreement(folder: Path, bf16: bool, count: int) -> dict:
+    """Every variant's labels against torch fp32's, and the change of each organ's Dice, per case."""
+    from medseg.io import read_label
+
+    predictors = {name: Predictor(load(folder, backend, precision)) for name, backend, precision in variants(bf16, False)}
+    organs = predictors["torch_fp32"].task.label_names
+    cases, rows = test_cases(folder, count), {}
+    for case in cases:
+        reference = read_label(case.label)[0]
+        labels = {name: predictor.predict(list(case.images)).labels for name, predictor in predictors.items()}
+        base = labels.pop("torch_fp32")
+        dice32 = dice_per_organ(reference, base, organs)
+        rows[case.name] = {"dice_torch_fp32": dice32}
+        for name, other in labels.items():
+            change = {k: d - dice32[k] for k, d in dice_per_organ(reference, other, organs).items()
+                      if not np.isnan(d - dice32[k])}
+            rows[case.name][name] = {"agreement": float(np.mean(other == base)), "dice_change": change}
+    summary = {}
+    for name in (n for n in predictors if n != "torch_fp32"):
+        worst = min(r[name]["agreement"] for r in rows.values())
+        changes = [abs(v) for r in rows.values() for v in r[name]["dice_change"].values()]
+        summary[name] = {"worst_agreement": worst, "worst_abs_dice_change": max(changes, default=0.0),
+                         "pass": worst >= 0.999 and max(changes, default=0.0) <= 0.005}
+    return {"cases": len(cases), "summary": summary, "per_case": rows}
+
+
+def bench_conversion(folder: Path) -> dict:
+    """Seconds for OpenVINO's first conversion (empty cache) and for a load from the cache."""
+    plan = read_run_config(folder).network
+    window = (plan.in_channels, *plan.patch_size)
+    with tempfile.TemporaryDirectory() as cache:
+        first = openvino_network(plain_network(folder), folder / "best.pt", window, "fp32", cache_roots=[Path(cache)])
+        again = openvino_network(plain_network(folder), folder / "best.pt", window, "fp32", cache_roots=[Path(cache)])
+    return {"convert_and_compile_s": round(first.seconds, 2), "cached_read_and_compile_s": round(again.seconds, 2),
+            "converted": [first.converted, again.converted]}
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def machine(threads: int) -> dict:
+    import monai
+
+    return {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "cpu_native_bf16": cpu_has_native_bf16(),
+            "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__, "monai": monai.__version__,
+            "openvino": openvino_version(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "note": "2-core machine shared with other jobs during the run: absolute times are noisy; the "
+                    "variants were interleaved and the minimum taken, so compare ratios"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prostate-model", type=Path, required=True, help="run folder of `medseg train --task prostate`")
+    parser.add_argument("--headneck-model", type=Path, help="run folder of a headneck model (window, agreement)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (>= 3), after a warm-up")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--slices", type=int, default=150, help="slices of the adult-sized 512 x 512 CT")
+    parser.add_argument("--cases", type=int, default=4, help="headneck validation cases for the agreement")
+    parser.add_argument("--avx2", action="store_true", help="also the window part with oneDNN held to AVX2")
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 variants only (as on a CPU without bf16)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.repeats < 3:
+        parser.error("--repeats must be at least 3")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if openvino_version() is None:
+        print('error: OpenVINO is not installed (pip install "medseg[openvino]")', file=sys.stderr)
+        return 2
+    keep_freed_memory()  # as `medseg predict` does
+    torch.set_num_threads(args.threads)  # OpenVINO takes torch's thread count (backends.openvino_network)
+    bf16 = cpu_has_native_bf16() and not args.no_bf16
+    models = {"prostate": args.prostate_model, **({"headneck": args.headneck_model} if args.headneck_model else {})}
+    result = {"command": "python benchmarks/bench_backends.py " + " ".join(sys.argv[1:]), "machine": machine(args.threads),
+              "repeats": args.repeats}
+    log = lambda part: print(f"{part} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
+    if "conversion" in args.parts:
+        log("conversion")
+        result["conversion"] = {name: bench_conversion(folder) for name, folder in models.items()}
+    if "window" in args.parts:
+        log("window")
+        result["window"] = {name: bench_window(folder, bf16, args.repeats) for name, folder in models.items()}
+        if args.avx2:
+            log("window, AVX2")
+            result["window_avx2"] = avx2_subprocess(args)
+    if "e2e" in args.parts:
+        log("e2e")
+        with tempfile.TemporaryDirectory() as tmp:
+            sample = list(test_cases(args.prostate_model, 1)[0].images)
+            scans = {"sample_test_scan": sample, f"adult_512x512x{args.slices}": adult_scan(Path(tmp), args.slices)}
+            result["e2e"] = bench_e2e(args.prostate_model, scans, bf16, args.repeats)
+    if "agreement" in args.parts:
+        log("agreement")
+        result["agreement"] = {name: bench_agreement(folder, bf16, args.cases) for name, folder in models.items()}
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if not args.no_write:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

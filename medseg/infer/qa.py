@@ -1,0 +1,300 @@
+"""QA flags: per organ and case, what a reviewer should look at first, each with its reason.
+
+The checks compare a prediction with what the model's training set held (the fingerprint's
+`organ_statistics`, kept in every model folder's config.json; `medseg.data.fingerprint`):
+
+- **volume**: the organ's volume is outside the training range widened by VOLUME_MARGIN (below
+  min / (1 + margin) or above max × (1 + margin); the 1st-99th percentiles are quoted).
+- **pieces**: several significant pieces (`medseg.geometry.significant_pieces`: each at least 10 % of
+  the largest and 0.1 mL) of an organ that was one piece in at least ONE_PIECE of the training cases
+  (or, without statistics, one the task keeps to its largest piece). Counted before the
+  largest-component step, which then keeps only the largest.
+- **side**: of a left/right pair (the task's `pairs`), the left organ's centre lies on the patient's
+  right of the right organ's (world LPS x grows towards the patient's left), or, with its partner
+  missing, more than SIDE_MARGIN_MM on the wrong side of the centre of the unpaired organs found.
+- **missing**: no voxel of an organ that training held in at least EXPECTED_PRESENCE of its cases,
+  although the scan covers its usual head-foot position: the centre of the other organs found,
+  moved by the organ's median offset from them in training. With no organ found at all, every
+  expected organ is flagged (the scan may not show this body region).
+- **confidence**: the organ's confidence (`medseg.infer.uncertainty`: mean probability where it wins)
+  is below LOW_CONFIDENCE. Only where confidence is computed: with a cross-validation folder or
+  `--uncertainty`.
+
+A model folder from before these statistics existed skips the volume, missing and piece-frequency
+parts (`skipped` says so). Severity orders the flags (and the cases) worst first: side 3, missing
+2.5, volume 1.5-3 and pieces 1.5-2.5 by how far off, confidence 1-2 by how low.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from medseg.config import Task
+from medseg.geometry import label_boxes, mask_centre, piece_sizes, significant_pieces
+from medseg.io import Grid
+
+VOLUME_MARGIN = 0.25  # volumes within [min / 1.25, max x 1.25] of training pass
+ONE_PIECE = 0.9  # an organ is expected in one piece when training had it so in 90 % of cases
+EXPECTED_PRESENCE = 0.9  # an organ is expected when training cases held it in 90 % of cases
+LOW_CONFIDENCE = 0.8  # confidence (mean probability where the organ wins) below this is flagged
+SIDE_MARGIN_MM = 10.0  # a paired organ found without its partner must lie this far on the wrong side to be flagged
+
+
+@dataclass(frozen=True)
+class Flag:
+    organ: str
+    check: str  # volume, pieces, side, missing or confidence
+    reason: str  # one sentence a reviewer reads
+    severity: float  # higher is worse: flags and cases are listed worst first
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainingStats:
+    """What the model's training cases held, per organ (the fingerprint's `organ_statistics`)."""
+
+    organs: Mapping[str, dict]
+
+    @classmethod
+    def from_fingerprints(cls, fingerprints: Iterable[Mapping]) -> TrainingStats | None:
+        """One model's, or the folds' together (each case trained K-1 of K folds: min and max are the whole
+        set's, the percentiles the widest fold's); None when no fingerprint has the statistics."""
+        found = [fp["organ_statistics"] for fp in fingerprints if isinstance(fp.get("organ_statistics"), Mapping)]
+        if not found:
+            return None
+        return cls({organ: _merge([stats[organ] for stats in found if organ in stats]) for organ in found[0]})
+
+
+def _merge(entries: list[dict]) -> dict:
+    if len(entries) == 1:
+        return entries[0]
+    present = [e for e in entries if e.get("present")]
+    merged = {"cases": max(e["cases"] for e in entries), "present": max(e["present"] for e in entries),
+              "presence": float(np.mean([e["present"] / e["cases"] for e in entries if e["cases"]] or [0.0]))}
+    if present:
+        pick = {"min": min, "p01": min, "p50": np.median, "p99": max, "max": max}
+        merged["volume_ml"] = {k: float(f([e["volume_ml"][k] for e in present])) for k, f in pick.items()}
+        merged["one_piece"] = float(np.mean([e["one_piece"] for e in present]))
+        for key in ("offset_si_mm", "height_si_mm"):
+            values = [e[key] for e in present if e.get(key) is not None]
+            merged[key] = float(np.median(values)) if values else None
+    return merged
+
+
+def _presence(entry: Mapping) -> float:
+    return entry.get("presence", entry["present"] / entry["cases"] if entry.get("cases") else 0.0)
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class _Organ:
+    """One organ of a predicted mask: what the checks measure of it."""
+
+    name: str
+    volume_ml: float
+    centre: np.ndarray | None  # world LPS (mm)
+    pieces: list[int]  # voxels of each piece, largest first
+
+
+def _measure(labels: np.ndarray, grid: Grid, organs: Mapping[int, str], pieces: Mapping[str, Sequence[int]],
+             extent: tuple[slice, ...] | None) -> dict[str, _Organ]:
+    """Volume, world centre and pieces of every organ (pieces counted here for those `pieces` lacks)."""
+    inside = labels[extent] if extent is not None else labels[:0, :0, :0]
+    boxes = label_boxes(inside, max_label=max(organs)) if inside.size else []
+    offset = [s.start for s in extent] if extent is not None else [0, 0, 0]
+    measured = {}
+    for label_id, name in organs.items():
+        box = boxes[label_id - 1] if label_id - 1 < len(boxes) else None
+        if box is None:
+            measured[name] = _Organ(name, 0.0, None, [])
+            continue
+        organ = inside[box] == label_id
+        whole = tuple(slice(s.start + o, s.stop + o) for s, o in zip(box, offset))
+        centre = grid.affine @ np.r_[mask_centre(organ, whole), 1.0]
+        sizes = list(pieces[name]) if name in pieces else piece_sizes(organ).tolist()
+        measured[name] = _Organ(name, int(organ.sum()) * grid.voxel_volume_ml, centre[:3], sizes)
+    return measured
+
+
+def _volume_flags(found: dict[str, _Organ], stats: TrainingStats) -> list[Flag]:
+    flags = []
+    for name, organ in found.items():
+        seen = stats.organs.get(name, {}).get("volume_ml")
+        if organ.volume_ml <= 0 or not seen:
+            continue
+        low, high = seen["min"] / (1 + VOLUME_MARGIN), seen["max"] * (1 + VOLUME_MARGIN)
+        if low <= organ.volume_ml <= high:
+            continue
+        above = organ.volume_ml > high
+        limit = seen["max"] if above else seen["min"]
+        far = abs(math.log2(organ.volume_ml / limit))
+        reason = (f"volume {organ.volume_ml:.1f} mL is {'above' if above else 'below'} anything in training "
+                  f"({'max' if above else 'min'} {limit:.1f} mL over {stats.organs[name]['present']} cases; "
+                  f"1st-99th percentile {seen['p01']:.1f}-{seen['p99']:.1f} mL)")
+        flags.append(Flag(name, "volume", reason, round(1.5 + min(far, 1.5), 3)))
+    return flags
+
+
+def _piece_flags(found: dict[str, _Organ], stats: TrainingStats | None, kept_largest: Sequence[str],
+                 voxel_ml: float) -> list[Flag]:
+    flags = []
+    for name, organ in found.items():
+        entry = stats.organs.get(name, {}) if stats else {}
+        one_expected = entry.get("one_piece", 0.0) >= ONE_PIECE if "one_piece" in entry else name in kept_largest
+        count = significant_pieces(organ.pieces, voxel_ml)
+        if not one_expected or count < 2:
+            continue
+        sizes = ", ".join(f"{s * voxel_ml:.1f}" for s in organ.pieces[:count])  # largest first: the significant
+        apart = sum(organ.pieces[1:count]) / max(sum(organ.pieces[:count]), 1)
+        cleaned = "; only the largest was kept" if name in kept_largest else ""
+        reason = f"{count} separate pieces ({sizes} mL) where training had one{cleaned}"
+        flags.append(Flag(name, "pieces", reason, round(1.5 + min(apart * 2, 1.0), 3)))
+    return flags
+
+
+def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float:
+    """Mean of (value, weight) pairs: the organs' centre weighted by their volumes."""
+    values, weights = zip(*pairs)
+    return float(np.average(values, weights=weights))
+
+
+def _side_flags(found: dict[str, _Organ], task: Task) -> list[Flag]:
+    paired = {name for pair in task.pairs for name in pair}
+    middle = [(o.centre[0], o.volume_ml) for o in found.values() if o.centre is not None and o.name not in paired]
+    midline = _weighted_mean(middle) if middle else None
+    flags = []
+    for left, right in task.pairs:
+        a, b = found[left].centre, found[right].centre
+        if a is not None and b is not None:
+            if a[0] < b[0]:
+                reason = (f"lies on the patient's right of {{other}} (centre x {a[0]:.1f} mm vs {b[0]:.1f} mm; "
+                          f"LPS x grows towards the patient's left)")
+                flags += [Flag(left, "side", reason.format(other=right), 3.0),
+                          Flag(right, "side", reason.format(other=left).replace("right of", "left of"), 3.0)]
+            continue
+        for name, centre, wrong in ((left, a, "right"), (right, b, "left")):
+            if centre is None or midline is None:
+                continue
+            if (centre[0] < midline - SIDE_MARGIN_MM) if wrong == "right" else (centre[0] > midline + SIDE_MARGIN_MM):
+                flags.append(Flag(name, "side", f"lies on the patient's {wrong} (centre x {centre[0]:.1f} mm, the "
+                                  f"unpaired organs' centre x {midline:.1f} mm; its partner was not found)", 3.0))
+    return flags
+
+
+def _missing_flags(found: dict[str, _Organ], stats: TrainingStats, grid: Grid) -> list[Flag]:
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in grid.shape], indexing="ij")).reshape(3, -1)
+    z = grid.affine[2, :3] @ corners + grid.affine[2, 3]
+    z_low, z_high = float(z.min()), float(z.max())
+    others = [(o.centre[2], o.volume_ml) for o in found.values() if o.centre is not None]
+    flags = []
+    for name, organ in found.items():
+        entry = stats.organs.get(name, {})
+        if organ.volume_ml > 0 or not entry.get("cases") or _presence(entry) < EXPECTED_PRESENCE:
+            continue
+        seen = f"training had it in {entry['present']} of {entry['cases']} cases"
+        if not others:
+            flags.append(Flag(name, "missing", f"not found, nor any other organ ({seen}); does the scan show "
+                              "this body region?", 2.0))
+            continue
+        if entry.get("offset_si_mm") is None:
+            continue
+        expected = _weighted_mean(others) + entry["offset_si_mm"]
+        if z_low <= expected <= z_high:
+            reason = (f"not found ({seen}), although the scan covers its usual position, S {expected:.0f} mm "
+                      f"({entry['offset_si_mm']:+.0f} mm from the other organs' centre; scan S {z_low:.0f} to "
+                      f"{z_high:.0f} mm)")
+            flags.append(Flag(name, "missing", reason, 2.5))
+    return flags
+
+
+def _confidence_flags(confidence: Mapping[str, Mapping], score: str) -> list[Flag]:
+    flags = []
+    for name, scores in confidence.items():
+        value = scores.get(score)
+        if value is not None and value < LOW_CONFIDENCE:
+            reason = f"low confidence {value:.2f} (mean probability where it is predicted; flagged below {LOW_CONFIDENCE})"
+            flags.append(Flag(name, "confidence", reason, round(1.0 + min((LOW_CONFIDENCE - value) * 4, 1.0), 3)))
+    return flags
+
+
+def check_segmentation(seg, task: Task, stats: TrainingStats | None,
+                       kept_largest: Sequence[str] = ()) -> list[Flag]:
+    """Every flag of one predicted case (a `medseg.infer.predictor.Segmentation`), worst first.
+
+    Args:
+        stats: what training held (`TrainingStats.from_fingerprints`); None skips the checks that need it.
+        kept_largest: the organs the prediction kept to their largest piece.
+    """
+    from medseg.infer.uncertainty import CONFIDENCE_SCORE
+
+    found = _measure(seg.labels, seg.grid, seg.organs, seg.pieces, seg.extent)
+    flags = _side_flags(found, task) + _piece_flags(found, stats, kept_largest, seg.grid.voxel_volume_ml)
+    if stats is not None:
+        flags += _volume_flags(found, stats) + _missing_flags(found, stats, seg.grid)
+    flags += _confidence_flags(seg.confidence, CONFIDENCE_SCORE)
+    return sorted(flags, key=lambda f: (-f.severity, f.organ, f.check))
+
+
+def skipped_checks(stats: TrainingStats | None, with_confidence: bool) -> list[str]:
+    """Which checks did not run, and why (for summary.json)."""
+    skipped = []
+    if stats is None:
+        skipped.append("volume, missing: the model folder has no organ statistics in its fingerprint (trained "
+                       "before they were recorded); pieces: judged by the task's largest_component list")
+    if not with_confidence:
+        skipped.append("confidence: computed only with a cross-validation folder or --uncertainty")
+    return skipped
+
+
+def format_flags(case: str, flags: Sequence[Mapping]) -> list[str]:
+    """Lines for the terminal, one per flag."""
+    return [f"  flag {case} / {f['organ']} [{f['check']}]: {f['reason']}" for f in flags]
+
+
+class Checker:
+    """The QA checks of one `medseg predict` run: the model's training statistics, read once.
+
+    Args:
+        folders: the model folders predicting (one, or the folds of a cross-validation folder).
+        kept_largest: the organs the prediction keeps to their largest piece.
+        with_confidence: whether segmentations carry a confidence (ensembles, --uncertainty).
+    """
+
+    def __init__(self, folders: Sequence, task: Task, kept_largest: Sequence[str] = (), with_confidence: bool = False):
+        from medseg.model.folder import read_run_config
+
+        self.task = task
+        self.kept_largest = tuple(kept_largest)
+        self.stats = TrainingStats.from_fingerprints(read_run_config(f).fingerprint for f in folders)
+        self.with_confidence = with_confidence
+
+    def __call__(self, seg) -> list[dict]:
+        """The flags of one case as plain dicts, worst first."""
+        return [f.to_dict() for f in check_segmentation(seg, self.task, self.stats, self.kept_largest)]
+
+    def report(self, rows: Sequence[Mapping]) -> dict:
+        """For summary.json: which checks ran (and which not, why), and every case's flags, worst first."""
+        flags = [{"case": row["case"], **flag} for row in rows for flag in row.get("flags", [])]
+        return {"qa": {"checks": ["volume", "pieces", "side", "missing", "confidence"],
+                       "skipped": skipped_checks(self.stats, self.with_confidence),
+                       "thresholds": {"volume_margin": VOLUME_MARGIN, "one_piece": ONE_PIECE,
+                                      "side_margin_mm": SIDE_MARGIN_MM,
+                                      "expected_presence": EXPECTED_PRESENCE, "low_confidence": LOW_CONFIDENCE}},
+                "flags": sorted(flags, key=lambda f: (-f["severity"], f["case"], f["organ"]))}
+
+    @staticmethod
+    def closing_line(rows: Sequence[Mapping]) -> str:
+        flagged = [row for row in rows if row.get("flags")]
+        count = sum(len(row["flags"]) for row in flagged)
+        if not count:
+            return "QA: no flags"
+        return (f"QA: {count} flag{'s' if count != 1 else ''} in {len(flagged)} of {len(rows)} cases "
+                f"(worst first in summary.json and at the top of review.html)")
