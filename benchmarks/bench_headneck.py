@@ -10,7 +10,7 @@ Both train at once, each on `--threads` CPU threads, under the same wall-clock `
 model is kept: medseg's current weights (last.pt; its schedule is planned for the whole budget, so an
 early snapshot is a model mid-schedule, not a shorter run), the plain script's best checkpoint so
 far. Every snapshot then predicts the 33 held-out scans, and `medseg evaluate` scores them against
-the contoured organs (Dice, HD95, surface Dice at 2 mm).
+the contoured organs (Dice, HD95, surface Dice at the task file's per-organ tolerances).
 
 Ablations run medseg alone with a task key changed (`--set schedule.ema_decay=0.999 --only medseg`).
 
@@ -41,7 +41,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "openkbp-hn"
 N_TRAIN = 170  # first cases by sorted name; the rest (33) are the benchmark's held-out cases
 INTERNAL_FOLDS = 34  # medseg's own validation: 170 / 34 = 5 of the training cases
 TASK = "headneck"
-METRICS = (("dice", "Dice"), ("hd95_mm", "HD95 mm"), ("surface_dice", "surface Dice @2 mm"))
+METRICS = (("dice", "Dice"), ("hd95_mm", "HD95 mm"), ("surface_dice", "surface Dice at the task's per-organ tolerance"))
 
 
 def split_cases(data: Path) -> tuple[list[str], list[str], dict]:
