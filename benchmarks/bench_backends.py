@@ -95,9 +95,14 @@ def interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
 # ------------------------------------------------------------------------------------ per window
 
 
-def bench_window(folder: Path, bf16: bool, repeats: int) -> dict:
-    """Seconds per window of each variant's forward pass on one batch of `sw_batch_size` windows."""
+def bench_window(folder: Path, bf16: bool, repeats: int, extra: dict | None = None) -> dict:
+    """Seconds per window of each variant's forward pass on one batch of `sw_batch_size` windows.
+
+    Args:
+        extra: more variants, name -> `ModelBundle` (the int8 networks).
+    """
     bundles = {name: load(folder, backend, precision) for name, backend, precision in variants(bf16)}
+    bundles.update(extra or {})
     first = next(iter(bundles.values()))
     batch_size = first.task.inference.sw_batch_size
     batch = torch.randn(batch_size, first.plan.in_channels, *first.plan.patch_size,
@@ -158,10 +163,11 @@ class PlainMonai(Predictor):
                                             overlap=self.overlap, mode="gaussian")[0]
 
 
-def bench_e2e(folder: Path, scans: dict[str, Path], bf16: bool, repeats: int) -> dict:
+def bench_e2e(folder: Path, scans: dict[str, Path], bf16: bool, repeats: int, extra: dict | None = None) -> dict:
     """Seconds of `Predictor.predict` per scan and variant (min of `repeats`), and its stages."""
     predictors = {name: (PlainMonai if backend == "plain" else Predictor)(load(folder, backend, precision))
                   for name, backend, precision in variants(bf16)}
+    predictors.update({name: Predictor(bundle) for name, bundle in (extra or {}).items()})
     result = {}
     for scan_name, scan in scans.items():
         last = {}
@@ -216,11 +222,12 @@ def dice_per_organ(reference: np.ndarray, predicted: np.ndarray, organs: dict[in
     return {name: float(dice(*confusion(reference == i, predicted == i)[:3])) for i, name in organs.items()}
 
 
-def bench_agreement(folder: Path, bf16: bool, count: int) -> dict:
+def bench_agreement(folder: Path, bf16: bool, count: int, extra: dict | None = None) -> dict:
     """Every variant's labels against torch fp32's, and the change of each organ's Dice, per case."""
     from medseg.io import read_label
 
     predictors = {name: Predictor(load(folder, backend, precision)) for name, backend, precision in variants(bf16, False)}
+    predictors.update({name: Predictor(bundle) for name, bundle in (extra or {}).items()})
     organs = predictors["torch_fp32"].task.label_names
     cases, rows = test_cases(folder, count), {}
     for case in cases:
@@ -253,6 +260,59 @@ def bench_conversion(folder: Path) -> dict:
             "converted": [first.converted, again.converted]}
 
 
+# ------------------------------------------------------------------------------------ int8
+
+
+def calibration_windows(folder: Path, cases: int, per_case: int) -> list[np.ndarray]:
+    """Random windows (1, C, x, y, z) of the first `cases` training scans, preprocessed as `predict` does."""
+    from medseg.data.datasets import load_dataset
+    from medseg.data.preprocess import normalize_, to_model_grid
+    from medseg.io import read_image
+
+    config, predictor = read_run_config(folder), Predictor(load(folder, "torch", "fp32"))
+    roi, prep, rng, windows = config.network.patch_size, config.preprocessing, np.random.default_rng(0), []
+    for case in load_dataset(config.data, "train")[:cases]:
+        array, grid = read_image(list(case.images), dtype=None)
+        volume, _ = to_model_grid(array[None] if array.ndim == 3 else array, grid, prep.spacing)
+        volume = normalize_(volume[(slice(None), *predictor.body_box(volume[0]))].contiguous(), prep)
+        short = [max(0, r - n) for r, n in zip(roi, volume.shape[1:])]
+        pads = [p for d in reversed(short) for p in (d // 2, d - d // 2)]
+        volume = torch.nn.functional.pad(volume[None], pads, mode="replicate")[0] if any(short) else volume
+        for _ in range(per_case):
+            start = [int(rng.integers(0, n - r + 1)) for n, r in zip(volume.shape[1:], roi)]
+            windows.append(volume[(slice(None), *(slice(a, a + r) for a, r in zip(start, roi)))][None].numpy().copy())
+    return windows
+
+
+def int8_bundles(folder: Path, bf16: bool, cases: int = 12, per_case: int = 8) -> tuple[dict, dict]:
+    """NNCF post-training int8 quantisation (preset MIXED, fast bias correction) of the OpenVINO network,
+    calibrated on training windows; compiled with f32 (and bf16) for the layers left unquantised.
+
+    Returns:
+        (name -> `ModelBundle`, what was done).
+    """
+    import nncf
+    import openvino as ov
+
+    from medseg.infer.backends import OpenVINONetwork, convert
+
+    windows = calibration_windows(folder, cases, per_case)
+    start = time.perf_counter()
+    model = convert(plain_network(folder), windows[0].shape[1:])
+    quantised = nncf.quantize(model, nncf.Dataset(windows), subset_size=len(windows),
+                              preset=nncf.QuantizationPreset.MIXED)
+    seconds = time.perf_counter() - start
+    bundles = {}
+    for hint in ("f32", "bf16") if bf16 else ("f32",):
+        compiled = ov.Core().compile_model(quantised, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                                                              "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        bundle = load(folder, "torch", "fp32")
+        bundle.network = OpenVINONetwork(compiled, hint, None, True, seconds)
+        bundles["openvino_int8" + ("_bf16" if hint == "bf16" else "")] = bundle
+    return bundles, {"nncf": nncf.__version__, "calibration_windows": len(windows), "training_cases": cases,
+                     "preset": "MIXED", "convert_and_quantise_s": round(seconds, 1)}
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -276,6 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slices", type=int, default=150, help="slices of the adult-sized 512 x 512 CT")
     parser.add_argument("--cases", type=int, default=4, help="headneck validation cases for the agreement")
     parser.add_argument("--avx2", action="store_true", help="also the window part with oneDNN held to AVX2")
+    parser.add_argument("--int8", action="store_true", help="also NNCF int8 of the prostate model (needs nncf)")
     parser.add_argument("--no-bf16", action="store_true", help="fp32 variants only (as on a CPU without bf16)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -297,12 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python benchmarks/bench_backends.py " + " ".join(sys.argv[1:]), "machine": machine(args.threads),
               "repeats": args.repeats}
     log = lambda part: print(f"{part} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
+    extra = {}  # more variants of the prostate model: the int8 networks
+    if args.int8:
+        log("int8")
+        extra, result["int8"] = int8_bundles(args.prostate_model, bf16)
     if "conversion" in args.parts:
         log("conversion")
         result["conversion"] = {name: bench_conversion(folder) for name, folder in models.items()}
     if "window" in args.parts:
         log("window")
-        result["window"] = {name: bench_window(folder, bf16, args.repeats) for name, folder in models.items()}
+        result["window"] = {name: bench_window(folder, bf16, args.repeats, extra if name == "prostate" else None)
+                            for name, folder in models.items()}
         if args.avx2:
             log("window, AVX2")
             result["window_avx2"] = avx2_subprocess(args)
@@ -311,10 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             sample = list(test_cases(args.prostate_model, 1)[0].images)
             scans = {"sample_test_scan": sample, f"adult_512x512x{args.slices}": adult_scan(Path(tmp), args.slices)}
-            result["e2e"] = bench_e2e(args.prostate_model, scans, bf16, args.repeats)
+            result["e2e"] = bench_e2e(args.prostate_model, scans, bf16, args.repeats, extra)
     if "agreement" in args.parts:
         log("agreement")
-        result["agreement"] = {name: bench_agreement(folder, bf16, args.cases) for name, folder in models.items()}
+        result["agreement"] = {name: bench_agreement(folder, bf16, args.cases, extra if name == "prostate" else None)
+                               for name, folder in models.items()}
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=2)
     print(text)

@@ -4,18 +4,19 @@
 - `openvino`: the same eval-mode network (main output only: no deep-supervision heads) converted by
   OpenVINO and compiled for the CPU with `INFERENCE_PRECISION_HINT` f32 or bf16, as
   `medseg.runtime.resolve_precision` decides. It fuses each convolution with its instance norm and
-  activation; on one core of an AVX512-BF16 CPU (Zen 4) a batch of windows ran 1.2x faster than
-  torch in fp32 and about as fast in bf16 (benchmarks/bench_backends.py, docs/performance.md).
+  activation: on one core of an AVX512-BF16 CPU (Zen 4) `medseg predict` ran 1.2x faster than with
+  torch in fp32 and 1.15x in bf16 (benchmarks/bench_backends.py, docs/performance.md).
   Optional: `pip install "medseg[openvino]"`.
 
-`auto` takes OpenVINO on the CPU wherever it is installed (it was faster in fp32 and never slower in
-bf16 on every CPU measured; installing the extra is the opt-in) and torch on GPUs and where it is not.
+`auto` takes OpenVINO on the CPU wherever it is installed (it was faster in every configuration
+measured: two networks, f32 and bf16, AVX-512 and AVX2 kernels; installing the extra is the opt-in)
+and torch on GPUs and where it is not.
 
 Everything else stays as it is: the same windows, Gaussian blending and flips
 (`medseg.infer.stitching`, `medseg.infer.tta`); only the callable that maps a batch of windows
 (B, C, x, y, z) to logits (B, K, x, y, z) changes.
 
-Conversion takes 10-20 s for a task's network, compilation ~0.2 s, so the converted network (OpenVINO
+Conversion takes 5-20 s for a task's network, compilation ~0.2 s, so the converted network (OpenVINO
 IR: network.xml + network.bin, f32 weights) is cached once per checkpoint in `<model>/openvino/<key>/`,
 where the key hashes the checkpoint file's bytes, the window's channels and shape and the OpenVINO
 version: a changed checkpoint gets a new key (and the stale entry is removed). The batch size is

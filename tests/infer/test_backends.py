@@ -95,7 +95,8 @@ def test_openvino_labels_equal_torch_fp32(tiny_model, tmp_path):
     seg = openvino.predict(scan)
     assert seg.grid == torch_seg.grid
     assert (seg.labels > 0).sum() > 100  # the tiny model finds organs: the comparison means something
-    assert np.array_equal(seg.labels, torch_seg.labels)
+    # equal on the machines tried; on another CPU's kernels a voxel at a near-tie (fp32 rounding) could flip
+    assert (seg.labels != torch_seg.labels).sum() <= 3
 
 
 @needs_openvino
@@ -167,7 +168,7 @@ def test_backend_openvino_without_openvino_is_a_one_line_error(tiny_model, tmp_p
     scan, out = scan_case(tmp_path), tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", MISSING_OPENVINO, "predict", str(scan), "-o", str(out),
                            "-m", str(tiny_model), "--device", "cpu", "--backend", "openvino"],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert done.stdout == "torch\n"  # auto falls back to torch
     assert done.returncode == 2, done.stderr
     assert done.stderr == 'error: --backend openvino: OpenVINO is not installed (pip install "medseg[openvino]")\n'
