@@ -219,6 +219,28 @@ def _in_scan_order(shares: list[list[tuple]]) -> list[tuple]:
     return sorted((item for share in shares for item in share), key=lambda item: item[0])
 
 
+def _predict_one(scan: Path, predictor, check: Checker, out: Path, options: PredictOptions, refs: dict,
+                 dicom: DicomOutputs, model: Path) -> dict:
+    """Read, segment, flag and write one scan (and its DICOM outputs); returns its summary row."""
+    import sys
+
+    case, task = case_name(scan), predictor.task
+    start = time.perf_counter()
+    series = options.series if scan.is_dir() else None
+    image = read_image(scan, dtype=None, series_uid=series)  # the file's voxel type: int16 for a CT
+    read_seconds = time.perf_counter() - start
+    seg = predictor.predict(image, keep_probabilities=options.probabilities)
+    seg.seconds["read"] = read_seconds
+    seg.flags = check(seg)
+    row = write_outputs(seg, image, case, out, task, options, refs.get(case))
+    if dicom.wanted:
+        files = series_files(scan, options.series)
+        row["dicom"] = [p.name for p in write_dicom_outputs(seg.labels, seg.grid, files, task, model, out, case, dicom)]
+        print(f"{case}: wrote {', '.join(row['dicom'])}" if row["dicom"] else
+              f"{case}: no organ segmented, so no DICOM-SEG/RTSTRUCT written", file=sys.stderr)
+    return row
+
+
 def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
                  references: Sequence[Path] = (), world: World | None = None) -> list[tuple[Path, str]]:
     """Segment every input; returns the (input, message) of each that failed.
@@ -254,22 +276,8 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
     mine = world.shard(list(enumerate(scans)))
     for index, scan in tqdm(mine, desc="predict", unit="scan",
                             disable=not sys.stderr.isatty() or len(mine) < 2 or not world.is_main):
-        case = case_name(scan)
         try:
-            start = time.perf_counter()
-            series = options.series if scan.is_dir() else None
-            image = read_image(scan, dtype=None, series_uid=series)  # the file's voxel type: int16 for a CT
-            read_seconds = time.perf_counter() - start
-            seg = predictor.predict(image, keep_probabilities=options.probabilities)
-            seg.seconds["read"] = read_seconds
-            seg.flags = check(seg)
-            row = write_outputs(seg, image, case, out, task, options, refs.get(case))
-            if dicom.wanted:
-                files = series_files(scan, options.series)
-                row["dicom"] = [p.name for p in write_dicom_outputs(seg.labels, seg.grid, files, task, model, out, case,
-                                                                    dicom)]
-                print(f"{case}: wrote {', '.join(row['dicom'])}" if row["dicom"] else
-                      f"{case}: no organ segmented, so no DICOM-SEG/RTSTRUCT written", file=sys.stderr)
+            row = _predict_one(scan, predictor, check, out, options, refs, dicom, model)
         except InputError as error:
             message = str(error).splitlines()[0]
             failures.append((index, scan, message))

@@ -29,7 +29,7 @@ from medseg.config import Task
 from medseg.data.preprocess import normalize_, to_model_grid
 from medseg.errors import InputError
 from medseg.infer.predictor import Predictor, Segmentation, _softmax_, load_model
-from medseg.infer.resample import contested_box, resample_box
+from medseg.infer.resample import to_scan
 from medseg.infer.tta import flipped_logits
 from medseg.infer.uncertainty import Accumulator, organ_confidence, to_scan_grid
 from medseg.io import Grid, read_image
@@ -168,11 +168,7 @@ class EnsemblePredictor:
             seconds["uncertainty"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        if not keep_probabilities:  # labels only: interpolate just where an organ can win
-            inner = contested_box(mean)
-            mean = mean[(slice(None), *inner)]
-            box = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
-        labels, kept = resample_box(mean, box, model, grid, keep_probabilities)
+        labels, kept = to_scan(mean, box, model, grid, keep_probabilities)
         del mean, accumulator
         seconds["resample"] = time.perf_counter() - start
 

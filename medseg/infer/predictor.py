@@ -21,7 +21,7 @@ from medseg.data.preprocess import Preprocessing, normalize_, to_model_grid
 from medseg.errors import InputError
 from medseg.geometry import body_box
 from medseg.infer.backends import backend_network
-from medseg.infer.resample import contested_box, resample_box
+from medseg.infer.resample import to_scan
 from medseg.infer.tta import flipped_logits
 from medseg.infer.uncertainty import CONFIDENCE_SCORE
 from medseg.io import Grid, read_image
@@ -169,11 +169,7 @@ class Predictor:
         seconds["inference"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        if not keep_probabilities:  # labels only: interpolate just where an organ can win
-            inner = contested_box(probabilities)
-            probabilities = probabilities[(slice(None), *inner)]
-            box = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
-        labels, kept = resample_box(probabilities, box, model, grid, keep_probabilities)
+        labels, kept = to_scan(probabilities, box, model, grid, keep_probabilities)
         del probabilities  # ~0.2 GB for a 512x512x300 CT: not held through the largest-component step
         seconds["resample"] = time.perf_counter() - start
 

@@ -167,3 +167,16 @@ def resample_box(probabilities: torch.Tensor, box: tuple[slice, slice, slice], m
     if keep:
         kept[(slice(None), *part)] = sub_kept
     return labels, kept
+
+
+def to_scan(probabilities: torch.Tensor, box: tuple[slice, slice, slice], model: Grid, target: Grid,
+            keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels (and, with `keep`, percent probabilities) on the scan's grid from the model grid's `box`.
+
+    For labels only, just the box where some organ can win is interpolated (`contested_box`).
+    """
+    if not keep:
+        inner = contested_box(probabilities)
+        probabilities = probabilities[(slice(None), *inner)]
+        box = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
+    return resample_box(probabilities, box, model, target, keep)
