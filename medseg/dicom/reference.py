@@ -101,3 +101,21 @@ def check_on_grid(slices: list[CtSlice], grid: Grid) -> None:
     if len(slices) != grid.shape[2] or not np.allclose(found, expected, atol=0.05 * min(grid.spacing)):
         raise InputError(f"{slices[0].path.parent}: the CT slices do not lie on the mask's grid "
                          f"({grid.describe()}); the mask was made from another series")
+
+
+def organs_on_series(labels: np.ndarray, ct_files, structures, grid: Grid | None, path, what: str):
+    """The CT slices in position order and the organs present in `labels`, with their boxes (one pass).
+
+    Both DICOM writers start here: the mask must fit the series (and `grid`, if known), and a mask
+    with no organ has nothing to write (`what` names the object in the error).
+    """
+    from medseg.geometry import label_boxes
+
+    slices = ordered_slices(list(ct_files), labels.shape)
+    if grid is not None:
+        check_on_grid(slices, grid)
+    boxes = label_boxes(labels, 255)
+    present = [s for s in structures if 1 <= s.number <= 255 and boxes[s.number - 1] is not None]
+    if not present:
+        raise InputError(f"{path}: no organ was segmented, so there is no {what} to write")
+    return slices, present, boxes

@@ -17,9 +17,8 @@ import numpy as np
 
 from medseg.dicom import require
 from medseg.dicom.contours import mask_to_polygons, polygons_to_mask
-from medseg.dicom.reference import CtSlice, Structure, check_on_grid, ordered_slices
+from medseg.dicom.reference import CtSlice, Structure, organs_on_series
 from medseg.errors import InputError
-from medseg.geometry import label_boxes
 from medseg.io import Grid, atomic_path
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -108,13 +107,7 @@ def write_rtstruct(labels: np.ndarray, ct_files: Sequence[Path], structures: Seq
         InputError: the mask does not fit the series, or no organ is present (nothing to write).
     """
     pydicom = require("pydicom", "writing an RTSTRUCT")
-    slices = ordered_slices(list(ct_files), labels.shape)
-    if grid is not None:
-        check_on_grid(slices, grid)
-    boxes = label_boxes(labels, 255)
-    present = [s for s in structures if 1 <= s.number <= 255 and boxes[s.number - 1] is not None]
-    if not present:
-        raise InputError(f"{path}: no organ was segmented, so there is no RTSTRUCT to write")
+    slices, present, boxes = organs_on_series(labels, ct_files, structures, grid, path, "RTSTRUCT")
     ct = slices[0].dataset
     ds = _header(pydicom, ct, series_description)
     frame = ct.FrameOfReferenceUID

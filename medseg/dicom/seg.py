@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.dicom import require
-from medseg.dicom.reference import Structure, check_on_grid, ordered_slices
+from medseg.dicom.reference import Structure, ordered_slices, organs_on_series
 from medseg.errors import InputError
 from medseg.io import Grid, atomic_path
 
@@ -63,12 +63,7 @@ def write_dicom_seg(labels: np.ndarray, ct_files: Sequence[Path], structures: Se
         InputError: the mask does not fit the series, or no organ is present (nothing to write).
     """
     hd = require("highdicom", "writing a DICOM-SEG")
-    slices = ordered_slices(list(ct_files), labels.shape)
-    if grid is not None:
-        check_on_grid(slices, grid)
-    present = [s for s in structures if np.any(labels == s.number)]
-    if not present:
-        raise InputError(f"{path}: no organ was segmented, so there is no DICOM-SEG to write")
+    slices, present, _ = organs_on_series(labels, ct_files, structures, grid, path, "DICOM-SEG")
     lookup = np.zeros(256, np.uint8)  # label value -> segment number; organs not written -> 0
     lookup[[s.number for s in present]] = np.arange(1, len(present) + 1)
     # (Z, rows = j, columns = i): frame k is slice k; contiguous, as highdicom reads it frame by frame
