@@ -2,7 +2,7 @@
 
 Head-and-neck organs at risk on OpenKBP CT (partially labelled). Split (fixed): the dataset's 203
 cases sorted by name; the first 170 train, the last 33 are held out and only predicted and scored.
-medseg gets a dataset view listing the 170 and validates on 5 of them (`--folds 34 --fold 0`); the
+medseg gets a dataset view listing the 170 and validates on 12 of them (`--folds 14 --fold 0`); the
 plain script (`plain_monai_headneck.py`, written as a MONAI user would) validates on 20 of them.
 
 Both train at once, each on `--threads` CPU threads, under the same wall-clock `--minutes` (medseg's
@@ -39,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "openkbp-hn"
 N_TRAIN = 170  # first cases by sorted name; the rest (33) are the benchmark's held-out cases
-INTERNAL_FOLDS = 34  # medseg's own validation: 170 / 34 = 5 of the training cases
+INTERNAL_FOLDS = 14  # medseg's own validation: 170 / 14 = 12 of the training cases (the task's validation_cases)
 TASK = "headneck"
 METRICS = (("dice", "Dice"), ("hd95_mm", "HD95 mm"), ("surface_dice", "surface Dice at the task's per-organ tolerance"))
 

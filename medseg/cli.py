@@ -53,7 +53,8 @@ def _start_compute(precision: str) -> None:
 
 @app.command("sample-data")
 def sample_data(
-    task: str = typer.Option("prostate", "--task", "-t", help="Task whose phantom to generate."),
+    task: str = typer.Option("prostate", "--task", "-t", help="Task whose phantom to generate: prostate (3D pelvic "
+                             "CT) or cells (2D fluorescence microscopy, with nucleus instances in instancesTr/Ts)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the dataset (MSD layout), or a new folder for "
                              "the DICOM patients."),
     cases: int = typer.Option(16, "--cases", "-n", min=1, help="Training cases (DICOM: patients)."),
@@ -63,7 +64,7 @@ def sample_data(
     format_: str = typer.Option("nifti", "--format", help="nifti: an MSD dataset. dicom: a clinic-style export, one "
                                "folder per patient with a CT series and an RTSTRUCT (for import-dicom-rt)."),
 ) -> None:
-    """Generate synthetic CT phantoms with labels (the bundled sample data is made this way)."""
+    """Generate synthetic data with labels: CT phantoms (the bundled sample data is made this way) or cells."""
     if format_ == "dicom":
         from medseg.data.phantom.clinic import write_clinic_folder
 
@@ -235,8 +236,9 @@ def predict(
     inputs: List[Path] = typer.Argument(..., help="Image files, DICOM folders, or a folder of images."),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Run folder from `medseg train`, or a cross-validation "
-                                         "folder (`--fold all`): its folds' probabilities are averaged; default: newest for --task."),
-    task: str = typer.Option("prostate", "--task", "-t", help="Task used to find the newest model under runs/."),
+                                         "folder (`--fold all`): its folds' probabilities are averaged; default: the newest of either for --task."),
+    task: str = typer.Option("prostate", "--task", "-t", help="Task used to find the newest model under runs/<task>/ "
+                             "(a run folder, or a cross-validation folder whose every fold is trained)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     fast: bool = typer.Option(False, "--fast", help="Lower window overlap: faster, slightly less smooth."),
     tta: bool = typer.Option(False, "--tta", help="Test-time flips (paired organs swapped on left-right flips)."),
@@ -281,15 +283,21 @@ def evaluate(
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Task name or file, for organ names and tolerances."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="labels.json mapping ids to organ names."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o", help="Output folder for metrics.csv, summary.json, plots."),
+    instances: Optional[Path] = typer.Option(None, "--instances", help="Folder of reference instance maps by case name "
+                                             "(a task with `instances`); default: instancesTs/ beside labelsTs/."),
 ) -> None:
     """Per-organ Dice, IoU, surface distances and volumes of predictions against references, and Dice and
-    areas slice by slice along the head-foot axis (slices.csv, a profile plot per case, the worst slices)."""
+    areas slice by slice along the head-foot axis (slices.csv, a profile plot per case, the worst slices).
+    For a task with `instances` (cells: nucleus), also instance F1 at IoU > 0.5, PQ and AJI per case."""
+    from medseg.evaluate.instance_cases import format_instances
     from medseg.evaluate.report import format_table
     from medseg.evaluate.run import run_evaluation
     from medseg.evaluate.slices import format_worst
 
-    summary = run_evaluation(pred, ref, out, task=task, labels=labels, warn=_echo)
+    summary = run_evaluation(pred, ref, out, task=task, labels=labels, warn=_echo, instances=instances)
     typer.echo(format_table(summary))
+    if text := format_instances(summary):
+        typer.echo(text)
     typer.echo(format_worst({o: s["worst_slices"] for o, s in summary.items() if "worst_slices" in s}))
     typer.echo(f"wrote metrics.csv, summary.json, dice_boxplot.png, slices.csv and profiles/ to {out}")
 
@@ -304,7 +312,8 @@ def overlay(
     series: Optional[str] = typer.Option(None, "--series", help="Series Instance UID, when the DICOM folder holds "
                                          "several series."),
 ) -> None:
-    """Draw axial, coronal and sagittal overlay montages (and a thumbnail) of a mask on its scan."""
+    """Draw axial, coronal and sagittal overlay montages (and a thumbnail) of a mask on its scan; for a 2D task,
+    one overlay picture and a thumbnail."""
     from medseg.config import load_task
     from medseg.io import case_name, read_image
     from medseg.review.overlays import write_overlays

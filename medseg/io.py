@@ -23,11 +23,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import InputError
+from medseg.planar import PLANAR_SUFFIXES, channels, flatten, lift
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once at import: os.umask can only be read by setting it
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", *PLANAR_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -175,11 +176,13 @@ def _check_nifti(path: Path) -> None:
         raise truncated
 
 
-def read_sitk(path: str | Path, series_uid: str | None = None) -> sitk.Image:
-    """One image file or DICOM folder as a 3D scalar SimpleITK image, or an `InputError`.
+def read_sitk(path: str | Path, series_uid: str | None = None, dimensions: int | None = 3) -> sitk.Image:
+    """One image file or DICOM folder as a 3D SimpleITK image, or an `InputError`.
 
     A DICOM folder must hold one image series, or `series_uid` chooses one; its slices must be evenly
-    spaced along their normal (`medseg.dicom.series` checks, nothing is resampled).
+    spaced along their normal (`medseg.dicom.series` checks, nothing is resampled). `dimensions` is the
+    task's: 3 wants a 3D scalar image of two slices or more; 2 a 2D image (PNG, TIFF, 2D NIfTI/MHA), held
+    as (X, Y, 1), whose pixels may be vectors (RGB: `medseg.planar`); None takes either.
     """
     path = Path(path)
     if not path.exists():
@@ -199,13 +202,8 @@ def read_sitk(path: str | Path, series_uid: str | None = None) -> sitk.Image:
             raise InputError(f"{path}: not a readable image (truncated, corrupt or not NIfTI/NRRD/MHA/DICOM)") from None
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti(path)
-    if image.GetDimension() != 3:
-        kind = "2D" if image.GetDimension() == 2 else f"{image.GetDimension()}D"
-        raise InputError(f"{path}: expected a 3D image, got a {kind} image of size {image.GetSize()}")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()} "
-                         "(a 4D or vector image; give each channel as its own file)")
-    if min(image.GetSize()) < 2:
+    image = lift(image, path, dimensions)
+    if image.GetSize()[2] > 1 and min(image.GetSize()) < 2:
         raise InputError(f"{path}: expected a 3D image, got size {image.GetSize()} (a 2D slice)")
     return image
 
@@ -249,8 +247,9 @@ def _viewed_image(array: np.ndarray, grid: Grid) -> sitk.Image | None:
 
 
 def read_image(paths: str | Path | Sequence[str | Path], dtype: type | None = np.float32,
-               series_uid: str | None = None) -> tuple[np.ndarray, Grid]:
-    """A scan as (C, X, Y, Z) plus its grid; several files (e.g. T2 + ADC) become channels.
+               series_uid: str | None = None, dimensions: int | None = 3) -> tuple[np.ndarray, Grid]:
+    """A scan as (C, X, Y, Z) plus its grid; several files (e.g. T2 + ADC) become channels, and so do the
+    components of a 2D colour image (RGB: 3 channels; `dimensions` as for `read_sitk`, 2D is (C, X, Y, 1)).
 
     `dtype` None keeps the file's voxel type: a CT's int16 is half the memory of float32; a
     one-channel scan is then a read-only view of the file's voxels (no copy; see `to_array`).
@@ -263,23 +262,31 @@ def read_image(paths: str | Path | Sequence[str | Path], dtype: type | None = np
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise InputError("no image given")
-    channels, grid = [], None
+    found, grid = [], None
     for path in paths:
-        image = read_sitk(path, series_uid)
+        image = read_sitk(path, series_uid, dimensions)
         this = Grid.of(image)
         if grid is not None and not grid.matches(this):
             raise InputError(f"{path}: channel grid ({this.describe()}) differs from {paths[0]} ({grid.describe()})")
-        array = to_array(image, dtype, copy=len(paths) > 1 or dtype is not None)  # else a view, no copy
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise InputError(f"{path}: image has {int((~np.isfinite(array)).sum())} NaN/inf voxels")
-        channels.append(array)
+        if image.GetNumberOfComponentsPerPixel() > 1:  # a 2D colour image
+            arrays = [a.astype(dtype or a.dtype, copy=False) for a in channels(image, path)]
+        else:
+            arrays = [to_array(image, dtype, copy=len(paths) > 1 or dtype is not None)]  # else a view, no copy
+        for array in arrays:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise InputError(f"{path}: image has {int((~np.isfinite(array)).sum())} NaN/inf voxels")
+        found += arrays
         grid = grid or this
-    return (np.stack(channels) if len(channels) > 1 else channels[0][None]), grid  # one channel: no copy
+    return (np.stack(found) if len(found) > 1 else found[0][None]), grid  # one channel: no copy
 
 
-def read_label(path: str | Path) -> tuple[np.ndarray, Grid]:
-    """A label map as uint8 (X, Y, Z) plus its grid; non-integer or out-of-range values are errors."""
-    image = read_sitk(path)
+def read_label(path: str | Path, dimensions: int | None = 3) -> tuple[np.ndarray, Grid]:
+    """A label map as uint8 (X, Y, Z) plus its grid (2D: (X, Y, 1), `dimensions` as for `read_sitk`);
+    non-integer or out-of-range values and colour pixels are errors."""
+    image = read_sitk(path, dimensions=dimensions)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: a label map needs one value per pixel, got {image.GetNumberOfComponentsPerPixel()} "
+                         "(a colour image)")
     array = to_array(image)
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
@@ -351,14 +358,16 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 
 def write_text(text: str, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # the page and tables carry mm², whatever the locale
     return Path(path)
 
 
-def write_sitk(image: sitk.Image, path: str | Path) -> Path:
+def write_sitk(image: sitk.Image, path: str | Path, keep_3d: bool = False) -> Path:
+    """Write atomically; an image of one slice as the 2D image it stands for (`medseg.planar.flatten`)
+    unless `keep_3d` (3D Slicer holds a 2D image as a volume of one slice)."""
     with atomic_path(path) as tmp:
         try:
-            sitk.WriteImage(image, str(tmp), useCompression=True)
+            sitk.WriteImage(image if keep_3d else flatten(image), str(tmp), useCompression=True)
         except RuntimeError as error:
             raise InputError(f"cannot write {path}: {str(error).strip().splitlines()[-1]}") from None
     return Path(path)

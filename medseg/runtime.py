@@ -132,7 +132,7 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
 
 
 def group_norm_for_instance_norm(network: nn.Module) -> nn.Module:
-    """Swap every InstanceNorm3d (no running stats) for the identical GroupNorm, in place.
+    """Swap every InstanceNorm3d and 2d (no running stats) for the identical GroupNorm, in place.
 
     GroupNorm with one channel per group normalises each (sample, channel) over its voxels, as
     instance norm does, with the same eps and per-channel affine; the Parameters are shared, so the
@@ -140,7 +140,7 @@ def group_norm_for_instance_norm(network: nn.Module) -> nn.Module:
     """
     for module in list(network.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.InstanceNorm3d and not child.track_running_stats:
+            if type(child) in (nn.InstanceNorm2d, nn.InstanceNorm3d) and not child.track_running_stats:
                 norm = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
                 if child.affine:
                     norm.weight, norm.bias = child.weight, child.bias
@@ -161,5 +161,6 @@ def prepare_network(network: nn.Module, device: torch.device, precision: str = "
         return network
     group_norm_for_instance_norm(network)
     if not training and resolve_precision(precision, device) == "bf16":
-        network.to(memory_format=torch.channels_last_3d)
+        planar = not any(p.dim() == 5 for p in network.parameters())  # a 2D network (`networks.Planar`)
+        network.to(memory_format=torch.channels_last if planar else torch.channels_last_3d)
     return network

@@ -114,7 +114,8 @@ IMAGE = r"imagesTr/case_1\.nii\.gz"
                  "and voxels, the file holds fewer\\)", id="truncated"),
     pytest.param(_text, f"{IMAGE}: not a readable image \\(truncated, corrupt or not NIfTI/NRRD/MHA/DICOM\\)",
                  id="not-an-image"),
-    pytest.param(_two_d, f"{IMAGE}: expected a 3D image, got a 2D image of size \\(20, 18\\)", id="2d"),
+    pytest.param(_two_d, f"{IMAGE}: expected a 3D image, got a 2D image of size \\(20, 18\\) "
+                 "\\(a task for 2D images says `dimensions: 2`\\)", id="2d"),
     pytest.param(_four_d, f"{IMAGE}: expected a 3D image, got a 4D image of size \\(20, 18, 12, 2\\)", id="4d"),
     pytest.param(_nan, f"{IMAGE}: image has 2 NaN/inf voxels", id="nan-inf"),
 ])

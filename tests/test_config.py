@@ -149,3 +149,43 @@ def test_bad_labels_files(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(InputError, match=message):
         read_labels_file(path)
+
+
+# ------------------------------------------------------------------------------------- 2D tasks
+
+TASK_2D = "name: cells\ndimensions: 2\nlabels: {1: nucleus, 2: membrane}\n"
+
+
+def test_2d_task_writes_two_values_and_stores_three(tmp_path):
+    task = load_task(write_task(tmp_path, TASK_2D + "patch_size: [64, 48]\nspacing: [0.5, 0.25]\n"))
+    assert task.dimensions == 2
+    assert task.patch_size == (64, 48, 1)
+    assert task.spacing == (0.5, 0.25, 1.0)
+    assert parse_task(json.loads(json.dumps(task_to_dict(task))), "copy") == task  # model folders read it back
+
+
+def test_3d_is_the_default_and_instances_name_labels(tmp_path):
+    assert load_task("prostate").dimensions == 3
+    assert load_task(write_task(tmp_path, TASK_2D, "bare.yaml")).patch_size == (256, 256, 1)
+    task = load_task(write_task(tmp_path, TASK_2D + "patch_size: [32, 32]\ninstances: [nucleus]\n"))
+    assert task.instances == ("nucleus",)
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param(TASK_2D + "patch_size: [32, 32, 8]\n", r"key 'patch_size' of a 2D task must be \[X, Y\]",
+                 id="2d-patch-with-depth"),
+    pytest.param(TASK_2D + "patch_size: [32, 8]\n", r"key 'patch_size' must be at least 16 voxels per axis",
+                 id="2d-patch-too-small"),
+    pytest.param(TASK_2D + "augmentation: {flip: {axes: [LR, SI]}}\n",
+                 r"key 'augmentation\.flip\.axes' must list LR or AP, got 'SI'", id="2d-flip-along-the-slice"),
+    pytest.param(MINIMAL + "patch_size: [96, 96]\n", r"key 'patch_size' must be a list of 3 values",
+                 id="3d-two-values"),
+    pytest.param(MINIMAL + "dimensions: 4\n", r"key 'dimensions' must be one of 2, 3", id="dimensions-4"),
+    pytest.param(TASK_2D + "instances: [cell]\n", r"key 'instances' names 'cell', which is not a label",
+                 id="instances-unknown"),
+])
+def test_bad_2d_keys_name_file_and_key(tmp_path, text, message):
+    path = write_task(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_task(path)
+    assert str(error.value).startswith(str(path))

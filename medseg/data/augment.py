@@ -3,6 +3,10 @@
 Subjects arrive in canonical RAS orientation (see `medseg.preprocess`), so the patient's left-right axis
 is voxel axis 0. A left-right flip mirrors the anatomy: what was the left femoral head now lies on the
 right, so paired labels are swapped with the flip, keeping "left" on the patient's left in world space.
+
+A 2D task's subjects are (C, X, Y, 1): rotations turn in-plane only (about the singleton axis), scaling
+and blur leave that axis alone, elastic deformation moves pixels in-plane (TorchIO keeps a singleton
+axis still) and the task file cannot ask for a flip along it.
 """
 
 from __future__ import annotations
@@ -69,13 +73,19 @@ def flip_left_right(order: Sequence[int], p: float = 1.0) -> tio.Transform:
 def build_augmentation(task: Task) -> tio.Transform | None:
     """The task's augmentation list as one TorchIO transform (spatial first, then intensity)."""
     aug = task.augmentation
+    planar = task.dimensions == 2
     steps: list[tio.Transform] = []
     if aug.affine:
-        steps.append(tio.RandomAffine(scales=aug.affine.scales, degrees=aug.affine.degrees, p=aug.affine.p,
-                                      default_pad_value="minimum"))
+        scales, degrees = aug.affine.scales, aug.affine.degrees
+        if planar:  # (min, max) per axis: in-plane scaling, rotation about the singleton axis only
+            scales = (1 - scales, 1 + scales) * 2 + (1.0, 1.0)
+            degrees = (0.0, 0.0, 0.0, 0.0, -degrees, degrees)
+        steps.append(tio.RandomAffine(scales=scales, degrees=degrees, p=aug.affine.p, default_pad_value="minimum"))
     if aug.elastic:
+        shift = aug.elastic.max_displacement
         steps.append(tio.RandomElasticDeformation(num_control_points=aug.elastic.num_control_points,
-                                                  max_displacement=aug.elastic.max_displacement, p=aug.elastic.p))
+                                                  max_displacement=(shift, shift, 0.0) if planar else shift,
+                                                  p=aug.elastic.p))
     if aug.flip:
         if "LR" in aug.flip.axes:
             steps.append(flip_left_right(task.mirrored_order(), p=aug.flip.p))
@@ -85,7 +95,8 @@ def build_augmentation(task: Task) -> tio.Transform | None:
     if aug.noise:
         steps.append(tio.RandomNoise(std=(0, aug.noise.std), p=aug.noise.p))
     if aug.blur:
-        steps.append(tio.RandomBlur(std=aug.blur.std, p=aug.blur.p))
+        std = aug.blur.std * 2 + (0.0, 0.0) if planar else aug.blur.std
+        steps.append(tio.RandomBlur(std=std, p=aug.blur.p))
     if aug.gamma:
         # Gamma needs non-negative intensities; TorchIO rescales internally only for positive data,
         # so it is applied to the normalised image shifted to its minimum and shifted back.

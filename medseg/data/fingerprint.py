@@ -47,8 +47,8 @@ def _ras_axes(grid: Grid) -> list[int]:
 
 def _organ_stats(label: np.ndarray, grid: Grid, task: Task, contoured: tuple[str, ...] | None) -> dict[str, dict | None]:
     """Per organ of one case: volume (mL), significant pieces (`medseg.geometry.significant_pieces`) and
-    head-foot position (world S coordinate of its centre and of its lowest and highest voxel, mm);
-    None for an organ the case did not contour. The QA flags of predictions compare against these."""
+    position (world LPS centre, and the S coordinate of its lowest and highest voxel, mm); None for an
+    organ the case did not contour. The QA flags of predictions compare against these."""
     from medseg.geometry import label_boxes, piece_sizes, significant_pieces
 
     boxes = label_boxes(label, max_label=max(task.label_names))
@@ -61,21 +61,21 @@ def _organ_stats(label: np.ndarray, grid: Grid, task: Task, contoured: tuple[str
             found[lab.name] = {"volume_ml": 0.0}
         else:
             organ = label[box] == lab.id
-            z, z_low, z_high = head_foot(organ, box, grid)
-            found[lab.name] = {"volume_ml": int(organ.sum()) * grid.voxel_volume_ml, "z": z, "z_low": z_low,
+            centre, z_low, z_high = world_position(organ, box, grid)
+            found[lab.name] = {"volume_ml": int(organ.sum()) * grid.voxel_volume_ml, "centre": centre, "z_low": z_low,
                                "z_high": z_high, "pieces": significant_pieces(piece_sizes(organ), grid.voxel_volume_ml)}
     return found
 
 
-def head_foot(organ: np.ndarray, box: tuple[slice, ...], grid: Grid) -> tuple[float, float, float]:
-    """World S coordinate (LPS z, mm; + is superior) of an organ's centre and of its box's lowest and
-    highest corner, from its boolean mask cut to `box` of a scan on `grid`."""
+def world_position(organ: np.ndarray, box: tuple[slice, ...], grid: Grid) -> tuple[np.ndarray, float, float]:
+    """World LPS centre (mm) of an organ, and the S coordinate (LPS z; + is superior) of its box's lowest
+    and highest corner, from its boolean mask cut to `box` of a scan on `grid`."""
     from medseg.geometry import mask_centre
 
     centre = mask_centre(organ, box)
     corners = np.array(np.meshgrid(*[[s.start, s.stop - 1] for s in box], indexing="ij")).reshape(3, -1)
-    z = grid.affine[2, :3] @ np.c_[np.array(centre), corners] + grid.affine[2, 3]
-    return float(z[0]), float(z[1:].min()), float(z[1:].max())
+    world = grid.affine[:3, :3] @ np.c_[np.array(centre), corners] + grid.affine[:3, 3:]
+    return world[:, 0], float(world[2, 1:].min()), float(world[2, 1:].max())
 
 
 def _case_stats(image: np.ndarray, grid: Grid, label: np.ndarray, task: Task, seed: int,
@@ -137,9 +137,10 @@ def _organ_summary(organ: str, stats: list[_CaseStats]) -> dict:
     """What training saw of one organ, for the QA flags of predictions (`medseg.infer.qa`).
 
     `cases` contoured it, `present` had voxels of it; over those: `volume_ml` percentiles (min, p01, p50,
-    p99, max), `one_piece` (share with a single significant piece), `offset_si_mm` (median head-foot
-    distance of its centre from the volume-weighted centre of the case's other organs; + is superior)
-    and `height_si_mm` (median head-foot extent).
+    p99, max), `one_piece` (share with a single significant piece), `offset_rl_mm`, `offset_ap_mm`,
+    `offset_si_mm` (median distance of its centre from the volume-weighted centre of the case's other
+    organs along world LPS x, y, z: + is the patient's left, posterior, superior) and `height_si_mm`
+    (median head-foot extent).
     """
     drawn = [s.organs[organ] for s in stats if s.organs.get(organ) is not None]
     present = [(s.organs, o) for s in stats if (o := s.organs.get(organ)) and o["volume_ml"] > 0]
@@ -149,13 +150,14 @@ def _organ_summary(organ: str, stats: list[_CaseStats]) -> dict:
     volumes = np.percentile([o["volume_ml"] for _, o in present], [0, 1, 50, 99, 100])
     offsets = []
     for organs, o in present:
-        others = [(v["z"], v["volume_ml"]) for name, v in organs.items() if name != organ and v and v["volume_ml"] > 0]
+        others = [v for name, v in organs.items() if name != organ and v and v["volume_ml"] > 0]
         if others:
-            z, weight = np.array(others).T
-            offsets.append(o["z"] - float(np.average(z, weights=weight)))
+            centres, weights = np.array([v["centre"] for v in others]), [v["volume_ml"] for v in others]
+            offsets.append(o["centre"] - np.average(centres, axis=0, weights=weights))
+    middle = np.median(offsets, axis=0).round(2).tolist() if offsets else [None] * 3
     summary.update(volume_ml=dict(zip(("min", "p01", "p50", "p99", "max"), np.round(volumes, 4).tolist())),
                    one_piece=float(np.mean([o["pieces"] == 1 for _, o in present])),
-                   offset_si_mm=round(float(np.median(offsets)), 2) if offsets else None,
+                   **dict(zip(("offset_rl_mm", "offset_ap_mm", "offset_si_mm"), middle)),
                    height_si_mm=round(float(np.median([o["z_high"] - o["z_low"] for _, o in present])), 2))
     return summary
 
@@ -163,9 +165,6 @@ def _organ_summary(organ: str, stats: list[_CaseStats]) -> dict:
 def _check_case(case: Case, task: Task, seed: int) -> tuple[list[str], _CaseStats | None]:
     """Problems with one case (each a line naming the file), and its statistics if it has none."""
     problems = []
-    if len(case.images) != len(task.channels):
-        problems.append(f"{case.images[0]}: case '{case.name}' has {len(case.images)} image channel(s), task "
-                        f"'{task.name}' expects {len(task.channels)} ({', '.join(task.channels)})")
     organs = [lab.name for lab in task.labels]
     for organ in case.contoured or ():
         if organ not in organs:
@@ -173,12 +172,16 @@ def _check_case(case: Case, task: Task, seed: int) -> tuple[list[str], _CaseStat
                             f"an organ of task '{task.name}' ({', '.join(organs)})")
     image = label = None
     try:
-        image, grid = read_image(case.images)
+        image, grid = read_image(case.images, dimensions=task.dimensions)
     except InputError as error:
         problems.append(str(error))
+    found = len(case.images) if image is None else len(image)  # a 2D colour file holds several channels
+    if found != len(task.channels):
+        problems.insert(0, f"{case.images[0]}: case '{case.name}' has {found} image channel(s), task "
+                        f"'{task.name}' expects {len(task.channels)} ({', '.join(task.channels)})")
     if case.label is not None:
         try:
-            label, label_grid = read_label(case.label)
+            label, label_grid = read_label(case.label, task.dimensions)
         except InputError as error:
             problems.append(str(error))
     if image is None or label is None:
@@ -209,7 +212,7 @@ def compute_fingerprint(cases: list[Case], task: Task) -> dict:
     `foreground_intensity`, per channel, `mean`, `std`, `p00_5`, `p99_5`, `min`, `max` over up to
     10,000 sampled organ voxels per case; `organ_volume_ml`, organ -> median volume;
     `organ_statistics`, organ -> what training saw of it (`_organ_summary`: volume range, pieces,
-    head-foot position), which the QA flags of predictions compare against.
+    position relative to the other organs), which the QA flags of predictions compare against.
 
     Raises:
         InputError: the first problem of the first case that has one (`check_dataset` lists them all).
@@ -288,7 +291,8 @@ def _fingerprint_target(root: Path, given: str | Path | None) -> Path:
 def check_dataset(root: str | Path, task: Task, fingerprint_path: str | Path | None = None) -> DatasetReport:
     """Check every case of a dataset against a task, collecting all problems, and fingerprint it.
 
-    Each file must read as a 3D image without NaN/inf, each case must have the task's channels, a label
+    Each file must read as an image of the task's dimensions (3D, or 2D for `dimensions: 2`) without
+    NaN/inf, each case must have the task's channels (an RGB file is three), a label
     map on the image's grid with only the task's label values (plus 0 and `ignore_label`), and
     `contoured` organs that the task knows. Test cases, where the dataset has some, are checked too.
     The fingerprint (training cases) is written as JSON to `fingerprint_path` (a file, or a folder

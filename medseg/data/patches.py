@@ -52,8 +52,8 @@ def load_subject(case: Case, prep: Preprocessing, task: Task, cache: Path) -> ti
         return tio.Subject(image=tio.ScalarImage(tensor=saved["image"], affine=affine),
                            label=tio.LabelMap(tensor=saved["label"], affine=affine), name=case.name,
                            **{CONTOURED: contoured_mask(case.contoured, task)})
-    image, grid = read_image(case.images)
-    labels, label_grid = read_label(case.label)
+    image, grid = read_image(case.images, dimensions=task.dimensions)
+    labels, label_grid = read_label(case.label, task.dimensions)
     if not grid.matches(label_grid):
         raise InputError(f"{case.label}: label grid ({label_grid.describe()}) does not match image {case.images[0]} "
                          f"({grid.describe()})")

@@ -7,7 +7,8 @@ and `medseg.evaluate.run.run_evaluation` is `medseg evaluate`.
 
 Per organ: dice, iou, precision, recall, specificity, volume_ref_ml, volume_pred_ml,
 relative_volume_difference, hd95_mm, hd_mm, assd_mm, surface_dice. Per case (organ "all"):
-pixel_accuracy and mean_pixel_accuracy. Definitions and the empty-mask conventions are in
+pixel_accuracy and mean_pixel_accuracy. A 2D image ((X, Y, 1), `medseg.planar`) has area_ref_mm2 and
+area_pred_mm2 instead of the volumes, and in-plane surface distances. Definitions and the empty-mask conventions are in
 `medseg.evaluate.metrics`: an organ absent from both masks is "empty" (NaN Dice), left out of every mean and
 counted as `n_empty`; an organ absent from one mask scores Dice 0 and distance `inf`, and the
 summary leaves `inf` out of mean/std/median and counts it as `n_inf`.
@@ -31,12 +32,14 @@ from medseg.evaluate.matching import Pair
 from medseg.evaluate.report import Row
 from medseg.geometry import bounding_box, grow, organ_boxes
 from medseg.io import Grid, read_label
+from medseg.planar import is_planar
 
 DEFAULT_TOLERANCE_MM = 2.0  # surface Dice tolerance when none is given for an organ
 FALLBACK_SOURCE = f"fallback {DEFAULT_TOLERANCE_MM:g} mm"  # `tolerance_source` of an organ given none
 ORGAN_METRICS = ("dice", "iou", "precision", "recall", "specificity", "volume_ref_ml", "volume_pred_ml",
                  "relative_volume_difference", "hd95_mm", "hd_mm", "assd_mm", "surface_dice")
 CASE_METRICS = ("pixel_accuracy", "mean_pixel_accuracy")
+AREAS = {"volume_ref_ml": "area_ref_mm2", "volume_pred_ml": "area_pred_mm2"}  # a 2D image's sizes
 
 Tolerance = Union[float, Mapping[str, float]]  # mm, one for all organs or organ name -> mm
 OnPair = Callable[[str, np.ndarray, np.ndarray, Grid], None]  # (case, reference, prediction, grid)
@@ -73,16 +76,18 @@ def _tolerance(tolerance_mm: Tolerance, organ: str) -> float:
     return float(tolerance_mm)
 
 
-def _organ_rows(case: str, organ: str, values: Mapping[str, float]) -> list[Row]:
-    return [{"case": case, "organ": organ, "metric": m, "value": float(values[m])} for m in ORGAN_METRICS]
+def _organ_rows(case: str, organ: str, values: Mapping[str, float], planar: bool = False) -> list[Row]:
+    """One row per metric; a 2D image's volumes are its areas (the values, in mm2, computed from pixel areas)."""
+    return [{"case": case, "organ": organ, "metric": AREAS.get(m, m) if planar else m, "value": float(values[m])}
+            for m in ORGAN_METRICS]
 
 
-def _empty_organ_rows(case: str, organ: str) -> list[Row]:
+def _empty_organ_rows(case: str, organ: str, planar: bool = False) -> list[Row]:
     """Rows of an organ absent from both masks (they do not depend on the volume)."""
     none = np.zeros(0)
     values = {**metrics.overlap_metrics(0, 0, 0, 1, 1.0),
               **metrics.distance_metrics(none, none, DEFAULT_TOLERANCE_MM)}
-    return _organ_rows(case, organ, values)
+    return _organ_rows(case, organ, values, planar)
 
 
 def _check_maps(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> tuple[float, ...]:
@@ -131,11 +136,13 @@ def evaluate_case(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float],
     """
     ref, pred = np.asarray(ref), np.asarray(pred)
     spacing = _check_maps(ref, pred, spacing)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+    planar = is_planar(ref.shape)
+    voxel_ml = spacing[0] * spacing[1] if planar else float(np.prod(spacing)) / 1000.0  # 2D: mm2 per pixel
     not_contoured = set(not_contoured)
 
-    # All work happens inside the box holding any foreground: outside it both maps are 0.
-    box = bounding_box(ref | pred, margin=0)
+    # All work happens inside the box holding any foreground: outside it both maps are 0. One voxel
+    # more keeps the box of a 3D scan two slices thick at least: one slice would read as a 2D image.
+    box = bounding_box(ref | pred, margin=1)
     ref_box, pred_box = (ref[box], pred[box]) if box is not None else (ref[:0, :0, :0], pred[:0, :0, :0])
     if box is not None and (ref_box.min() < 0 or pred_box.min() < 0):
         raise ValueError("label maps must not hold negative values")
@@ -147,7 +154,7 @@ def evaluate_case(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float],
         if organ in not_contoured:
             continue
         if value not in present:
-            rows += _empty_organ_rows(case, organ)
+            rows += _empty_organ_rows(case, organ, planar)
             continue
         crop = grow(present[value], ref_box.shape, 1)
         ref_mask, pred_mask = ref_box[crop] == value, pred_box[crop] == value
@@ -156,7 +163,7 @@ def evaluate_case(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float],
         distances = metrics.surface_distances(ref_mask, pred_mask, spacing)
         values = {**metrics.overlap_metrics(tp, fp, fn, tn, voxel_ml),
                   **metrics.distance_metrics(*distances, _tolerance(tolerance_mm, organ))}
-        rows += _organ_rows(case, organ, values)
+        rows += _organ_rows(case, organ, values, planar)
 
     ignore = [v for v, name in organs.items() if name in not_contoured]
     classes = [v for v in organs if v not in ignore]
@@ -188,8 +195,8 @@ def evaluate_pairs(pairs: Sequence[Pair],
     not_contoured = not_contoured or {}
     per_case: list[list[Row]] = []
     for case, pred_path, ref_path in pairs:
-        ref, ref_grid = read_label(ref_path)
-        pred, pred_grid = read_label(pred_path)
+        ref, ref_grid = read_label(ref_path, dimensions=None)  # 2D or 3D: the two grids must match
+        pred, pred_grid = read_label(pred_path, dimensions=None)
         difference = pred_grid.difference(ref_grid)
         if difference:
             raise InputError(f"{pred_path} and {ref_path}: prediction and reference lie on different grids "
@@ -209,9 +216,10 @@ def evaluate_pairs(pairs: Sequence[Pair],
         by_organ: dict[str, list[Row]] = {}
         for row in rows:
             by_organ.setdefault(row["organ"], []).append(row)
+        planar = any(row["metric"] in AREAS.values() for row in rows)
         for name in names:
             if name not in skip:
-                out += by_organ.get(name) or _empty_organ_rows(case, name)
+                out += by_organ.get(name) or _empty_organ_rows(case, name, planar)
         out += by_organ.get(CASE_ORGAN, [])
     return out
 

@@ -60,7 +60,9 @@ def _predictions(folder: Path, references: set[str]) -> dict[str, Path]:
         name = case_name(path)
         if name not in references and name.endswith(PRED_SUFFIX):
             name = name[: -len(PRED_SUFFIX)]
-        if name in preds:
+        if name in preds and path.suffix.lower() == ".png" and case_name(preds[name]) == case_name(path):
+            continue  # a 2D prediction's PNG copy beside its NIfTI (`medseg predict`): the NIfTI is scored
+        if name in preds and not (preds[name].suffix.lower() == ".png" and case_name(preds[name]) == case_name(path)):
             raise InputError(f"{preds[name]} and {path}: two predictions for case '{name}'")
         preds[name] = path
     if not preds:

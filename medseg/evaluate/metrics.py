@@ -18,6 +18,9 @@ MONAI and DeepMind's `surface-distance`:
   pooled (MONAI `symmetric=True`). Normalised surface Dice at tolerance τ mm is the share of surface
   voxels of both masks within τ of the other surface (MONAI `use_subvoxels=False`; DeepMind's
   version weights voxels by surface area instead).
+- A 2D image is held as (X, Y, 1) (`medseg.planar`): its surface is its in-plane contour (4-neighbours),
+  and its distances are in-plane. Outside the array along the singleton axis would otherwise make every
+  pixel a surface voxel.
 
 Empty masks (an organ absent from the reference, the prediction or both):
 
@@ -45,6 +48,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.geometry import bounding_box
+from medseg.planar import is_planar
 
 # Face (6-)connectivity: a voxel is on the surface if one of its 6 face neighbours is outside.
 _FACE = ndimage.generate_binary_structure(3, 1)
@@ -187,8 +191,11 @@ def pixel_accuracy(ref: np.ndarray, pred: np.ndarray, classes: Iterable[int],
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of a binary mask with a face neighbour outside it (outside the array is outside)."""
+    """Voxels of a binary mask with a face neighbour outside it (outside the array is outside); a 2D
+    image held as (X, Y, 1) counts in-plane neighbours only."""
     mask = np.asarray(mask, dtype=bool)
+    if is_planar(mask.shape):
+        return surface(mask[..., 0])[..., None]
     structure = _FACE if mask.ndim == 3 else ndimage.generate_binary_structure(mask.ndim, 1)
     return mask ^ ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
@@ -211,6 +218,8 @@ def surface_distances(ref_mask: np.ndarray, pred_mask: np.ndarray,
     ref_mask, pred_mask = np.asarray(ref_mask, dtype=bool), np.asarray(pred_mask, dtype=bool)
     _check_pair(ref_mask, pred_mask)
     spacing = check_spacing(spacing, ref_mask.ndim)
+    if is_planar(ref_mask.shape):  # a 2D image: in-plane contours and distances
+        ref_mask, pred_mask, spacing = ref_mask[..., 0], pred_mask[..., 0], spacing[:2]
     box = bounding_box(ref_mask | pred_mask, margin=1)
     if box is None:
         return np.zeros(0), np.zeros(0)

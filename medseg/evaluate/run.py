@@ -64,7 +64,7 @@ def _pairs(pred: str | Path, ref: str | Path, organs: dict[int, str] | None,
 
 def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str | Path | None = None,
                    labels: str | Path | None = None, tolerance_mm: Tolerance | None = None,
-                   warn: Callable[[str], None] = _stderr) -> dict[str, dict[str, dict]]:
+                   warn: Callable[[str], None] = _stderr, instances: str | Path | None = None) -> dict[str, dict[str, dict]]:
     """`medseg evaluate`: match files, evaluate every pair, write the report into `out`.
 
     Args:
@@ -77,19 +77,23 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str
         tolerance_mm: surface Dice tolerance in mm, or organ name -> tolerance; None: each organ's
             `tolerance_mm` in the task file, else 2 mm (marked as the fallback in the summary).
         warn: receives one line per problem that does not stop the evaluation (missing partners).
+        instances: folder of reference instance maps by case name, for a task with `instances`; None:
+            those beside the reference labels (`medseg.evaluate.instance_cases`).
 
     Returns:
         The summary written to summary.json.
     """
     if task is not None and labels is not None:
         raise InputError("give organ names with --task or with --labels, not both")
-    organs, from_task, colors = None, {}, {}
+    organs, from_task, colors, loaded = None, {}, {}, None
     if task is not None:
         loaded = load_task(task)
         organs, from_task = loaded.label_names, task_tolerances(loaded.labels)
         colors = {label.name: label.color for label in loaded.labels}
     elif labels is not None:
         organs = read_labels_file(labels)
+    if instances is not None and (loaded is None or not loaded.instances):
+        raise InputError("--instances needs --task naming a task with `instances` (the classes to score)")
     pairs, organs, not_contoured = _pairs(pred, ref, organs, warn)
     slice_rows: list[slices.SliceRow] = []
 
@@ -98,8 +102,28 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str
 
     given = tolerance_mm if tolerance_mm is not None else from_task
     rows = evaluate_pairs(pairs, organs, given, not_contoured, on_pair=measure_slices)
+    pooled = {}
+    if loaded is not None and loaded.instances:  # F1, PQ, AJI of the task's instance classes
+        from medseg.evaluate.instance_cases import instance_rows
+
+        found, pooled = instance_rows(pairs, loaded, None if instances is None else Path(instances), not_contoured, warn)
+        rows += found
     names = dict.fromkeys(r["organ"] for r in rows if r["organ"] != CASE_ORGAN)
-    return _write(rows, slice_rows, out, surface_tolerances(names, from_task, tolerance_mm), colors)[0]
+    summary = _write(rows, slice_rows, out, surface_tolerances(names, from_task, tolerance_mm), colors)[0]
+    return _add_pooled(summary, pooled, out) if pooled else summary
+
+
+def _add_pooled(summary: dict, pooled: dict[str, dict], out: str | Path) -> dict:
+    """summary.json again with each instance class's pooled scores (all cases as one pool of objects, PQ's
+    own convention) beside the per-case means."""
+    import json
+
+    from medseg.io import write_text
+
+    for organ, scores in pooled.items():
+        summary.setdefault(organ, {})["instances_pooled"] = scores
+    write_text(json.dumps(summary, indent=2) + "\n", Path(out) / "summary.json")
+    return summary
 
 
 def _write(rows: list[Row], slice_rows: list[slices.SliceRow], out: str | Path,

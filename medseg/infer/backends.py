@@ -176,6 +176,23 @@ def openvino_network(network: torch.nn.Module, weights: Path, window: Sequence[i
     if converted:
         model = convert(network, window)
         cache = _store(model, roots, key, weights)
+    return _compile(model, precision, cache, converted, start)
+
+
+def openvino_in_memory(network: torch.nn.Module, window: Sequence[int], precision: str) -> OpenVINONetwork:
+    """`network`'s current weights compiled by OpenVINO, converted in memory and never cached.
+
+    For weights that live only for a moment (a validation during training: the next one has other
+    weights), where hashing and writing a cache entry would be time spent for nothing.
+    """
+    start = time.perf_counter()
+    return _compile(convert(network, window), precision, None, True, start)
+
+
+def _compile(model, precision: str, cache: Path | None, converted: bool, start: float) -> OpenVINONetwork:
+    """Compile for the CPU in f32 or bf16 with torch's thread count; `start`: when converting or reading began."""
+    import openvino as ov
+
     hint = "bf16" if precision == "bf16" else "f32"
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
                                                      "INFERENCE_NUM_THREADS": torch.get_num_threads()})

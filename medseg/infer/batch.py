@@ -1,8 +1,9 @@
 """`medseg predict`: many scans through one model, each written completely or not at all.
 
 For each scan: `<case>_seg.nii.gz` on the scan's exact grid, `<case>_volumes.json`, overlay PNGs (three
-montages and a thumbnail), a 3D Slicer `.seg.nrrd` and ITK-SNAP labels; optionally probability maps and,
-with a reference, metrics. Then `summary.json` and `review.html` for all cases.
+montages and a thumbnail), a 3D Slicer `.seg.nrrd` and ITK-SNAP labels; for a task with `instances`,
+`<case>_instances.nii.gz` and `.csv` (one id per object, `medseg.infer.instances`); optionally probability
+maps and, with a reference, metrics. Then `summary.json` and `review.html` for all cases.
 A bad scan is reported and skipped; the others still run; the exit code says whether any failed.
 Under torchrun the scans are shared among the processes (scan i to rank i % size), so each is written
 once, and rank 0 writes the summary and review page of all of them at the end.
@@ -26,6 +27,7 @@ from medseg.infer.ensemble import make_predictor, model_folders, postprocessing_
 from medseg.infer.predictor import Predictor, Segmentation
 from medseg.infer.qa import Checker
 from medseg.runtime import resolve_device
+from medseg.planar import is_planar, png_holds
 from medseg.io import (case_name, from_array, is_image_path, read_image, read_label, write_image, write_sitk,
                        write_text)
 
@@ -51,13 +53,27 @@ class PredictOptions:
 
 
 def find_model(task: str, runs: Path = Path("runs")) -> Path:
-    """The newest run folder for `task` that holds a checkpoint."""
+    """The newest model for `task` under runs/<task>/: a run folder that holds a best.pt, or a cross-validation
+    folder (`--fold all`) whose every fold holds one, by the time of its newest best.pt."""
+    from medseg.infer.ensemble import trained_folds
+
     name = Path(task).stem
-    candidates = sorted((p.parent for p in Path(runs, name).glob("*/best.pt")), key=lambda p: p.stat().st_mtime)
+    candidates = [(p.stat().st_mtime, p.parent) for p in Path(runs, name).glob("*/best.pt")]
+    for folder in Path(runs, name).glob("*/"):
+        folds = trained_folds(folder)
+        if folds:
+            candidates.append((max((f / "best.pt").stat().st_mtime for f in folds), folder))
     if not candidates:
         raise InputError(f"no trained model for task '{name}' under {Path(runs, name)}/; train one with "
                          f"`medseg train --task {name}` or pass --model RUN_FOLDER")
-    return candidates[-1]
+    return max(candidates)[1]
+
+
+def found_model_line(model: Path, task: str) -> str:
+    """What `find_model` took, for the terminal: the folder, and whether it is one model or an ensemble."""
+    folds = model_folders(model)
+    kind = "a run folder" if folds == [model] else f"a cross-validation folder: the ensemble of its {len(folds)} folds"
+    return f"model: {model} (the newest for task '{Path(task).stem}'; {kind})"
 
 
 def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
@@ -97,6 +113,8 @@ def _write_masks(seg: Segmentation, task, out: Path, case: str) -> float:
     start = time.perf_counter()
     mask = from_array(seg.labels, seg.grid)  # one SimpleITK copy of the mask, for the NIfTI and the NRRD
     write_sitk(mask, out / f"{case}_seg.nii.gz")
+    if png_holds(seg.grid):  # a 2D image that a PNG places exactly (every PNG/TIFF input): for image viewers
+        write_sitk(mask, out / f"{case}_seg.png")
     if seg.probabilities is not None:
         for label_id, organ in seg.organs.items():
             write_image(seg.probabilities[label_id], seg.grid, out / f"{case}_prob_{organ}.nii.gz")
@@ -122,6 +140,12 @@ def write_outputs(seg: Segmentation, image, case: str, out: Path, task, options:
         masks = writer.submit(_write_masks, seg, task, out, case)
         organs = seg.volumes()
         row = _evaluate_and_draw(seg, organs, image, case, out, task, options, reference)
+        if task.instances:  # <case>_instances.nii.gz and .csv: touching objects split (medseg.infer.instances)
+            from medseg.infer.instances import write_instances
+
+            start = time.perf_counter()
+            row["instances"] = write_instances(seg.labels, seg.grid, task, out, case)
+            row["seconds"]["instances"] = round(time.perf_counter() - start, 3)
         row["seconds"]["write"] = round(masks.result(), 3)
     row["flags"] = seg.flags  # medseg.infer.qa, worst first
     if seg.confidence:
@@ -135,11 +159,13 @@ def _evaluate_and_draw(seg: Segmentation, organs: dict, image, case: str, out: P
                        reference: Path | None) -> dict:
     seconds = dict(seg.seconds)
     row = {"case": case, "volumes_ml": {k: v["volume_ml"] for k, v in organs.items()}, "overlays": []}
+    if is_planar(seg.grid.shape):  # a 2D image: areas, which the summary line and the review page show
+        row["areas_mm2"] = {k: v["area_mm2"] for k, v in organs.items()}
     ref_labels = None
     if reference is not None:
         from medseg.evaluate.run import report_case
 
-        ref_labels, ref_grid = read_label(reference)
+        ref_labels, ref_grid = read_label(reference, task.dimensions)
         if not ref_grid.matches(seg.grid):
             raise InputError(f"reference {reference} is not on the grid of the scan ({seg.grid.describe()})")
         # <case>_metrics/: metrics, the task's surface Dice tolerances, slices.csv and the profile plot
@@ -177,7 +203,7 @@ def around_organs(seg: Segmentation, image: tuple) -> tuple[tuple, tuple]:
     from medseg.geometry import grow_mm
     from medseg.review.views import MARGIN_MM
 
-    if seg.extent is None:
+    if seg.extent is None or is_planar(seg.grid.shape):  # a 2D image's overlay shows all of it
         return image, (seg.labels, seg.grid)
     box = grow_mm(seg.extent, seg.grid.spacing, seg.grid.shape, MARGIN_MM)
     grid = seg.grid.crop(box)
@@ -193,9 +219,12 @@ def _print_case(row: dict, log) -> None:
 
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in row["seconds"].items())
     confidence = row.get("confidence") or {}
-    volumes = ", ".join(f"{k} {v:.1f} mL" + (f" (confidence {confidence[k]:.2f})" if confidence.get(k) else "")
-                        for k, v in row["volumes_ml"].items())
+    sizes, unit = (row["areas_mm2"], "mm²") if "areas_mm2" in row else (row["volumes_ml"], "mL")
+    volumes = ", ".join(f"{k} {v:.1f} {unit}" + (f" (confidence {confidence[k]:.2f})" if confidence.get(k) else "")
+                        for k, v in sizes.items())
     print(f"{row['case']}: {volumes} ({timing})", file=sys.stderr)
+    if row.get("instances"):
+        print(f"{row['case']}: " + ", ".join(f"{n} {k} instances" for k, n in row["instances"].items()), file=sys.stderr)
     for line in format_flags(row["case"], row.get("flags", [])):
         print(line, file=sys.stderr)
     log.info("%s: %s", row["case"], timing)
@@ -227,7 +256,7 @@ def _predict_one(scan: Path, predictor, check: Checker, out: Path, options: Pred
     case, task = case_name(scan), predictor.task
     start = time.perf_counter()
     series = options.series if scan.is_dir() else None
-    image = read_image(scan, dtype=None, series_uid=series)  # the file's voxel type: int16 for a CT
+    image = read_image(scan, dtype=None, series_uid=series, dimensions=task.dimensions)  # the file's type: CT int16
     read_seconds = time.perf_counter() - start
     seg = predictor.predict(image, keep_probabilities=options.probabilities)
     seg.seconds["read"] = read_seconds
@@ -263,6 +292,8 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
     dicom = DicomOutputs(seg=options.dicom_seg, rtstruct=options.rtstruct)
     check_dicom_inputs(scans, dicom)  # NIfTI inputs cannot have DICOM outputs: refused before any work
     model = Path(options.model) if options.model else find_model(options.task, options.runs)
+    if not options.model and world.is_main:
+        print(found_model_line(model, options.task), file=sys.stderr)
     predictor = make_predictor(model, str(world.device), options.fast, options.tta, options.precision,
                                options.uncertainty, options.backend)  # a cross-validation folder: its folds' ensemble
     if world.is_main:

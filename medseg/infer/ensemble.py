@@ -11,8 +11,12 @@ follows the folder's `postprocessing.json`, chosen from the out-of-fold predicti
 task file's `inference.largest_component`; `postprocessing` says which was used.
 
 A single model folder takes the same road when uncertainty is asked for (`--uncertainty`): its
-members are then its test-time flips, or the model alone (and its mask is then the plain
-`Predictor`'s; with flips, probabilities are averaged where `Predictor` averages logits).
+members are then its test-time flips, or the model alone; either way its mask is the plain
+`Predictor`'s, which also averages the flips' probabilities (`medseg.infer.tta`).
+
+Any model folders of one task make an ensemble (`EnsemblePredictor([a, b, c])`, e.g. models trained
+elsewhere): they must share organs, channels and the model grid's spacing (the scan is resampled
+once); networks and patch sizes may differ.
 """
 
 from __future__ import annotations
@@ -28,16 +32,16 @@ import torch
 from medseg.config import Task
 from medseg.data.preprocess import normalize_, to_model_grid
 from medseg.errors import InputError
-from medseg.infer.predictor import Predictor, Segmentation, _softmax_, load_model
+from medseg.infer.predictor import Predictor, Segmentation, load_model
 from medseg.infer.resample import to_scan
-from medseg.infer.tta import flipped_logits
+from medseg.infer.tta import FLIPS, flipped_logits, softmax_
 from medseg.infer.uncertainty import Accumulator, organ_confidence, to_scan_grid
 from medseg.io import Grid, read_image
 from medseg.model.folder import CONFIG_NAME
 
 POSTPROCESSING_NAME = "postprocessing.json"  # in a cross-validation folder: organs kept to their largest piece
+CROSSVAL_NAME = "crossval.json"  # in a cross-validation folder from `--fold all`: its number of folds, seed, task
 TASK_FILE_SOURCE = "task file (inference.largest_component)"
-FLIPS = [(), (0,), (1,), (2,)]  # test-time flips, as `Predictor` makes them
 
 
 def fold_folders(folder: str | Path) -> list[Path]:
@@ -60,6 +64,20 @@ def model_folders(folder: str | Path) -> list[Path]:
     return fold_folders(folder) if is_cv_folder(folder) else [Path(folder)]
 
 
+def trained_folds(folder: str | Path) -> list[Path]:
+    """The folds of a cross-validation folder if every one has a best.pt (as many as its crossval.json
+    says, else those there are); [] for a folder still training or not a cross-validation folder."""
+    if not is_cv_folder(folder):
+        return []
+    folds = fold_folders(folder)
+    try:
+        wanted = json.loads((Path(folder) / CROSSVAL_NAME).read_text()).get("folds", len(folds))
+    except (OSError, ValueError, AttributeError):
+        wanted = len(folds)
+    done = len(folds) == wanted and all((f / "best.pt").is_file() for f in folds)
+    return folds if done else []
+
+
 def read_postprocessing(folder: str | Path) -> tuple[tuple[str, ...], str] | None:
     """The organs a cross-validation folder keeps to their largest piece, and where that came from; None
     when the folder has no postprocessing.json (cross-validation not summarised yet)."""
@@ -77,10 +95,11 @@ def read_postprocessing(folder: str | Path) -> tuple[tuple[str, ...], str] | Non
 
 
 class EnsemblePredictor:
-    """Several model folders (the folds of a cross-validation) as one predictor; see the module's notes.
+    """Several model folders (the folds of a cross-validation, or any models of one task) as one predictor;
+    see the module's notes.
 
     Args:
-        folders: model folders, all of one task (labels, channels, patch size).
+        folders: model folders of one task (organs, channels) and one model spacing.
         uncertainty: also compute the per-voxel maps (`Segmentation.uncertainty`, `.disagreement`).
         largest_component: organs reduced to their largest piece; None: the task file's.
         source: where `largest_component` came from, for the summary.
@@ -108,17 +127,20 @@ class EnsemblePredictor:
         return self.members[0].task
 
     def _check_members(self) -> None:
+        """One task's organs and channels, one model grid; networks and patch sizes may differ."""
         first = self.members[0]
         for folder, member in zip(self.folders[1:], self.members[1:]):
-            same = (member.task.label_names == first.task.label_names and member.task.channels == first.task.channels
-                    and tuple(member.bundle.plan.patch_size) == tuple(first.bundle.plan.patch_size))
-            if not same:
-                raise InputError(f"{folder}: its organs, channels or patch size differ from {self.folders[0]}'s; "
-                                 f"an ensemble needs folds of one task")
+            if member.task.label_names != first.task.label_names or member.task.channels != first.task.channels:
+                raise InputError(f"{folder}: its organs or channels differ from {self.folders[0]}'s; an ensemble "
+                                 f"needs models of one task")
+            spacing, wanted = member.bundle.preprocessing.spacing, first.bundle.preprocessing.spacing
+            if not np.allclose(spacing, wanted, rtol=1e-4):
+                raise InputError(f"{folder}: its model spacing {_mm(spacing)} differs from {self.folders[0]}'s "
+                                 f"{_mm(wanted)}; an ensemble runs every model on one resampled scan")
 
     def _read(self, image) -> tuple[np.ndarray, Grid]:
         in_memory = isinstance(image, tuple) and len(image) == 2 and isinstance(image[1], Grid)
-        array, grid = image if in_memory else read_image(image, dtype=None)
+        array, grid = image if in_memory else read_image(image, dtype=None, dimensions=self.task.dimensions)
         if array.ndim == 3:
             array = array[None]
         if array.shape[0] != len(self.task.channels):
@@ -137,7 +159,7 @@ class EnsemblePredictor:
                       "blending": settings.blending, "device": bundle.device, "precision": bundle.precision}
             for axes in FLIPS if member.tta else FLIPS[:1]:
                 logits = flipped_logits(bundle.network, volume, member.task.mirrored_order(), [axes], **window)
-                accumulator.add(_softmax_(logits))
+                accumulator.add(softmax_(logits))
             del volume
         return accumulator
 
@@ -150,7 +172,8 @@ class EnsemblePredictor:
         start = time.perf_counter()
         first = self.members[0]
         hu, model = to_model_grid(array, grid, first.bundle.preprocessing.spacing)
-        box = first.body_box(hu[0])
+        widest = [max(sizes) for sizes in zip(*(m.bundle.plan.patch_size for m in self.members))]
+        box = first.body_box(hu[0], roi=widest)
         hu = hu[(slice(None), *box)].contiguous()
         seconds["preprocess"] = time.perf_counter() - start
 
@@ -186,6 +209,10 @@ class EnsemblePredictor:
         ids = [self.task.label_id(organ) for organ in self.postprocessing["largest_component"]]
         labels = keep_largest_component(labels, ids, in_place=True, pieces=found)
         return labels, {self.task.label_names[i]: sizes.tolist() for i, sizes in found.items()}
+
+
+def _mm(spacing: Sequence[float]) -> str:
+    return "x".join(f"{v:g}" for v in spacing) + " mm"
 
 
 def make_predictor(model: str | Path, device: str = "auto", fast: bool = False, tta: bool = False,

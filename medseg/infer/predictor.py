@@ -22,13 +22,13 @@ from medseg.errors import InputError
 from medseg.geometry import body_box
 from medseg.infer.backends import backend_network
 from medseg.infer.resample import to_scan
-from medseg.infer.tta import flipped_logits
+from medseg.infer.tta import FLIPS, flipped_logits, flipped_probabilities
 from medseg.infer.uncertainty import CONFIDENCE_SCORE
 from medseg.io import Grid, read_image
+from medseg.planar import is_planar
 from medseg.model.folder import load_checkpoint, read_run_config
 from medseg.model.networks import NetworkPlan, build_network
 from medseg.runtime import resolve_device, resolve_precision
-
 
 # ---------------------------------------------------------------------------------- model folder
 
@@ -75,12 +75,6 @@ def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best
 # ------------------------------------------------------------------------------------ predictor
 
 
-def _softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over classes (dim 0) in place: a 512x512 CT's logits are ~0.5 GB, a copy as much again."""
-    logits.sub_(logits.amax(0, keepdim=True)).exp_()
-    return logits.div_(logits.sum(0, keepdim=True))
-
-
 @dataclass
 class Segmentation:
     """A mask on the input's exact grid, with what a report needs about it."""
@@ -114,6 +108,10 @@ class Segmentation:
         counts = voxel_counts(inside, minlength=max(self.organs) + 1)
         volumes = {name: {"volume_ml": float(counts[i] * self.grid.voxel_volume_ml), "voxels": int(counts[i])}
                    for i, name in self.organs.items()}
+        if is_planar(self.grid.shape):  # a 2D image: its areas (volume_ml stays, as 1 mm thick, for QA)
+            pixel_mm2 = self.grid.spacing[0] * self.grid.spacing[1]
+            for entry in volumes.values():
+                entry["area_mm2"] = entry["voxels"] * pixel_mm2
         for name, scores in self.confidence.items():  # with an ensemble or --uncertainty
             volumes[name]["confidence"] = scores.get(CONFIDENCE_SCORE)
         return volumes
@@ -134,13 +132,21 @@ class Predictor:
     def task(self) -> Task:
         return self.bundle.task
 
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """(C, X, Y, Z) preprocessed -> (K, X, Y, Z) logits."""
+    def _window(self) -> dict:
         bundle, settings = self.bundle, self.bundle.task.inference
-        window = dict(roi=bundle.plan.patch_size, overlap=self.overlap, sw_batch_size=settings.sw_batch_size,
-                      blending=settings.blending, device=bundle.device, precision=bundle.precision)
-        flips = [(), (0,), (1,), (2,)] if self.tta else [()]
-        return flipped_logits(bundle.network, image, bundle.task.mirrored_order(), flips, **window)
+        return {"roi": bundle.plan.patch_size, "overlap": self.overlap, "sw_batch_size": settings.sw_batch_size,
+                "blending": settings.blending, "device": bundle.device, "precision": bundle.precision}
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """(C, X, Y, Z) preprocessed -> (K, X, Y, Z) logits (with test-time flips: their mean)."""
+        flips = FLIPS if self.tta else FLIPS[:1]
+        return flipped_logits(self.bundle.network, image, self.task.mirrored_order(), flips, **self._window())
+
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """(C, X, Y, Z) preprocessed -> (K, X, Y, Z) class probabilities (with test-time flips: the mean of
+        each flip's softmax, as an ensemble averages its members)."""
+        flips = FLIPS if self.tta else FLIPS[:1]
+        return flipped_probabilities(self.bundle.network, image, self.task.mirrored_order(), flips, **self._window())
 
     def predict(self, image: str | Path | Sequence[str | Path] | tuple[np.ndarray, Grid],
                 keep_probabilities: bool = False) -> Segmentation:
@@ -149,7 +155,7 @@ class Predictor:
 
         seconds, start = {}, time.perf_counter()
         in_memory = isinstance(image, tuple) and isinstance(image[1], Grid)
-        array, grid = image if in_memory else read_image(image, dtype=None)
+        array, grid = image if in_memory else read_image(image, dtype=None, dimensions=self.task.dimensions)
         if array.ndim == 3:
             array = array[None]
         if array.shape[0] != len(self.task.channels):
@@ -164,7 +170,7 @@ class Predictor:
         seconds["preprocess"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        probabilities = _softmax_(self.logits(volume))
+        probabilities = self.probabilities(volume)
         del volume
         seconds["inference"] = time.perf_counter() - start
 
@@ -181,8 +187,9 @@ class Predictor:
         return Segmentation(labels, grid, self.task.label_names, kept, seconds,
                             pieces={self.task.label_names[i]: sizes.tolist() for i, sizes in pieces.items()})
 
-    def body_box(self, volume: torch.Tensor) -> tuple[slice, slice, slice]:
-        """Where the windows go on the model grid: around the body on a CT (`inference.crop_to_body`)."""
+    def body_box(self, volume: torch.Tensor, roi: Sequence[int] | None = None) -> tuple[slice, slice, slice]:
+        """Where the windows go on the model grid: around the body on a CT (`inference.crop_to_body`), at
+        least a window (`roi`; default this model's patch) large."""
         if self.task.modality != "CT" or not self.task.inference.crop_to_body:
             return tuple(slice(0, n) for n in volume.shape)
-        return body_box(volume, self.bundle.plan.patch_size)
+        return body_box(volume, roi or self.bundle.plan.patch_size)

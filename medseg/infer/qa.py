@@ -13,16 +13,20 @@ The checks compare a prediction with what the model's training set held (the fin
   right of the right organ's (world LPS x grows towards the patient's left), or, with its partner
   missing, more than SIDE_MARGIN_MM on the wrong side of the centre of the unpaired organs found.
 - **missing**: no voxel of an organ that training held in at least EXPECTED_PRESENCE of its cases,
-  although the scan covers its usual head-foot position: the centre of the other organs found,
-  moved by the organ's median offset from them in training. With no organ found at all, every
-  expected organ is flagged (the scan may not show this body region).
+  although the scan covers its usual position: the volume-weighted centre of the other organs found,
+  moved by the organ's median offset from them in training, lies inside the scan's world extent along
+  R-L, A-P and S-I (LPS x, y, z). Where it lies outside along any of them, the organ gets an
+  **outside** note instead (severity 0: listed, not counted as a flag): the scan does not show it.
+  Model folders whose statistics hold only the S-I offset (trained before the others were recorded)
+  check S-I alone. With no organ found at all, every expected organ is flagged (the scan may not show
+  this body region).
 - **confidence**: the organ's confidence (`medseg.infer.uncertainty`: mean probability where it wins)
   is below LOW_CONFIDENCE. Only where confidence is computed: with a cross-validation folder or
   `--uncertainty`.
 
 A model folder from before these statistics existed skips the volume, missing and piece-frequency
 parts (`skipped` says so). Severity orders the flags (and the cases) worst first: side 3, missing
-2.5, volume 1.5-3 and pieces 1.5-2.5 by how far off, confidence 1-2 by how low.
+2.5, volume 1.5-3 and pieces 1.5-2.5 by how far off, confidence 1-2 by how low; outside notes 0.
 """
 
 from __future__ import annotations
@@ -42,14 +46,16 @@ ONE_PIECE = 0.9  # an organ is expected in one piece when training had it so in 
 EXPECTED_PRESENCE = 0.9  # an organ is expected when training cases held it in 90 % of cases
 LOW_CONFIDENCE = 0.8  # confidence (mean probability where the organ wins) below this is flagged
 SIDE_MARGIN_MM = 10.0  # a paired organ found without its partner must lie this far on the wrong side to be flagged
+OFFSET_KEYS = ("offset_rl_mm", "offset_ap_mm", "offset_si_mm")  # training's offsets along LPS x, y, z
+AXES = (("R-L", "x"), ("A-P", "y"), ("S-I", "z"))  # anatomical name and LPS coordinate of each world axis
 
 
 @dataclass(frozen=True)
 class Flag:
     organ: str
-    check: str  # volume, pieces, side, missing or confidence
+    check: str  # volume, pieces, side, missing, confidence; or outside (a note)
     reason: str  # one sentence a reviewer reads
-    severity: float  # higher is worse: flags and cases are listed worst first
+    severity: float  # higher is worse: flags and cases are listed worst first; 0: a note, not a warning
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +87,7 @@ def _merge(entries: list[dict]) -> dict:
         pick = {"min": min, "p01": min, "p50": np.median, "p99": max, "max": max}
         merged["volume_ml"] = {k: float(f([e["volume_ml"][k] for e in present])) for k, f in pick.items()}
         merged["one_piece"] = float(np.mean([e["one_piece"] for e in present]))
-        for key in ("offset_si_mm", "height_si_mm"):
+        for key in (*OFFSET_KEYS, "height_si_mm"):
             values = [e[key] for e in present if e.get(key) is not None]
             merged[key] = float(np.median(values)) if values else None
     return merged
@@ -128,8 +134,8 @@ def _volume_flags(found: dict[str, _Organ], stats: TrainingStats) -> list[Flag]:
     flags = []
     for name, organ in found.items():
         seen = stats.organs.get(name, {}).get("volume_ml")
-        if organ.volume_ml <= 0 or not seen:
-            continue
+        if organ.volume_ml <= 0 or not seen or seen["min"] <= 0:  # min 0: sizes below the fingerprint's
+            continue  # rounding (0.0001 mL), as cells on a microscope: no range to compare with
         low, high = seen["min"] / (1 + VOLUME_MARGIN), seen["max"] * (1 + VOLUME_MARGIN)
         if low <= organ.volume_ml <= high:
             continue
@@ -189,11 +195,36 @@ def _side_flags(found: dict[str, _Organ], task: Task) -> list[Flag]:
     return flags
 
 
-def _missing_flags(found: dict[str, _Organ], stats: TrainingStats, grid: Grid) -> list[Flag]:
+def _scan_extent(grid: Grid) -> np.ndarray:
+    """(3, 2) world LPS min and max of the scan's voxel centres along x, y, z (its 8 corners)."""
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in grid.shape], indexing="ij")).reshape(3, -1)
-    z = grid.affine[2, :3] @ corners + grid.affine[2, 3]
-    z_low, z_high = float(z.min()), float(z.max())
-    others = [(o.centre[2], o.volume_ml) for o in found.values() if o.centre is not None]
+    world = grid.affine[:3, :3] @ corners + grid.affine[:3, 3:]
+    return np.stack([world.min(1), world.max(1)], 1)
+
+
+def _place(name: str, entry: Mapping, others: Sequence[_Organ], extent: np.ndarray, seen: str) -> Flag | None:
+    """Missing (the scan covers where the organ usually lies), outside (it does not), or None (no offsets)."""
+    axes = [a for a, key in enumerate(OFFSET_KEYS) if entry.get(key) is not None]
+    if not axes:
+        return None
+    centre = np.average([o.centre for o in others], axis=0, weights=[o.volume_ml for o in others])
+    expected = {a: float(centre[a] + entry[OFFSET_KEYS[a]]) for a in axes}
+    beyond = [a for a in axes if not extent[a, 0] <= expected[a] <= extent[a, 1]]
+    if beyond:
+        where = "; ".join(f"{AXES[a][0]}: {AXES[a][1]} {expected[a]:.0f} mm, the scan {extent[a, 0]:.0f} to "
+                          f"{extent[a, 1]:.0f} mm" for a in beyond)
+        return Flag(name, "outside", f"not found, and its usual position lies outside the scan's field of view "
+                    f"({where}); not flagged missing", 0.0)
+    position = ", ".join(f"{AXES[a][1]} {expected[a]:.0f}" for a in axes)
+    offset = ", ".join(f"{entry[OFFSET_KEYS[a]]:+.0f}" for a in axes)
+    unchecked = "" if len(axes) == 3 else f"; only {', '.join(AXES[a][0] for a in axes)} known from training"
+    return Flag(name, "missing", f"not found ({seen}), although the scan covers its usual position, {position} mm "
+                f"LPS ({offset} mm from the other organs' centre{unchecked})", 2.5)
+
+
+def _missing_flags(found: dict[str, _Organ], stats: TrainingStats, grid: Grid) -> list[Flag]:
+    extent = _scan_extent(grid)
+    others = [o for o in found.values() if o.centre is not None]
     flags = []
     for name, organ in found.items():
         entry = stats.organs.get(name, {})
@@ -204,14 +235,9 @@ def _missing_flags(found: dict[str, _Organ], stats: TrainingStats, grid: Grid) -
             flags.append(Flag(name, "missing", f"not found, nor any other organ ({seen}); does the scan show "
                               "this body region?", 2.0))
             continue
-        if entry.get("offset_si_mm") is None:
-            continue
-        expected = _weighted_mean(others) + entry["offset_si_mm"]
-        if z_low <= expected <= z_high:
-            reason = (f"not found ({seen}), although the scan covers its usual position, S {expected:.0f} mm "
-                      f"({entry['offset_si_mm']:+.0f} mm from the other organs' centre; scan S {z_low:.0f} to "
-                      f"{z_high:.0f} mm)")
-            flags.append(Flag(name, "missing", reason, 2.5))
+        flag = _place(name, entry, others, extent, seen)
+        if flag is not None:
+            flags.append(flag)
     return flags
 
 
@@ -249,14 +275,18 @@ def skipped_checks(stats: TrainingStats | None, with_confidence: bool) -> list[s
     if stats is None:
         skipped.append("volume, missing: the model folder has no organ statistics in its fingerprint (trained "
                        "before they were recorded); pieces: judged by the task's largest_component list")
+    elif not any(entry.get("offset_rl_mm") is not None for entry in stats.organs.values()):
+        skipped.append("missing: the field of view is checked head-foot only; the model folder's statistics "
+                       "predate the R-L and A-P offsets")
     if not with_confidence:
         skipped.append("confidence: computed only with a cross-validation folder or --uncertainty")
     return skipped
 
 
 def format_flags(case: str, flags: Sequence[Mapping]) -> list[str]:
-    """Lines for the terminal, one per flag."""
-    return [f"  flag {case} / {f['organ']} [{f['check']}]: {f['reason']}" for f in flags]
+    """Lines for the terminal, one per flag (a note, severity 0, says so)."""
+    return [f"  {'flag' if f['severity'] > 0 else 'note'} {case} / {f['organ']} [{f['check']}]: {f['reason']}"
+            for f in flags]
 
 
 class Checker:
@@ -283,7 +313,7 @@ class Checker:
     def report(self, rows: Sequence[Mapping]) -> dict:
         """For summary.json: which checks ran (and which not, why), and every case's flags, worst first."""
         flags = [{"case": row["case"], **flag} for row in rows for flag in row.get("flags", [])]
-        return {"qa": {"checks": ["volume", "pieces", "side", "missing", "confidence"],
+        return {"qa": {"checks": ["volume", "pieces", "side", "missing", "confidence"], "notes": ["outside"],
                        "skipped": skipped_checks(self.stats, self.with_confidence),
                        "thresholds": {"volume_margin": VOLUME_MARGIN, "one_piece": ONE_PIECE,
                                       "side_margin_mm": SIDE_MARGIN_MM,
@@ -292,9 +322,12 @@ class Checker:
 
     @staticmethod
     def closing_line(rows: Sequence[Mapping]) -> str:
-        flagged = [row for row in rows if row.get("flags")]
-        count = sum(len(row["flags"]) for row in flagged)
+        """How many flags in how many cases; notes (organs outside the field of view) counted apart."""
+        warned = [[f for f in row.get("flags", []) if f["severity"] > 0] for row in rows]
+        count, cases = sum(map(len, warned)), sum(1 for w in warned if w)
+        notes = sum(len(row.get("flags", [])) for row in rows) - count
+        outside = f"; {notes} organ{'s' if notes != 1 else ''} outside the field of view" if notes else ""
         if not count:
-            return "QA: no flags"
-        return (f"QA: {count} flag{'s' if count != 1 else ''} in {len(flagged)} of {len(rows)} cases "
+            return "QA: no flags" + outside
+        return (f"QA: {count} flag{'s' if count != 1 else ''} in {cases} of {len(rows)} cases{outside} "
                 f"(worst first in summary.json and at the top of review.html)")

@@ -1,4 +1,9 @@
-"""Test-time augmentation: logits averaged over mirrored copies of the scan."""
+"""Test-time augmentation: class probabilities averaged over mirrored copies of the scan.
+
+Each copy's logits go through the softmax before the average, as nnU-Net v1 did and as an ensemble
+of models averages its members (`medseg.infer.ensemble`): a single model with flips and the ensemble
+of that one model then give the same probabilities.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,14 @@ from collections.abc import Sequence
 import torch
 
 from medseg.infer.stitching import sliding_window_logits
+
+FLIPS = [(), (0,), (1,), (2,)]  # the copies: the scan as it is, and mirrored along each axis in turn
+
+
+def softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes (dim 0) in place: a 512x512 CT's logits are ~0.5 GB, a copy as much again."""
+    logits.sub_(logits.amax(0, keepdim=True)).exp_()
+    return logits.div_(logits.sum(0, keepdim=True))
 
 
 def flipped_logits(network: torch.nn.Module, image: torch.Tensor, mirrored_order: Sequence[int],
@@ -34,4 +47,19 @@ def flipped_logits(network: torch.nn.Module, image: torch.Tensor, mirrored_order
         if 0 in axes and swaps:
             logits = logits[order]
         total = logits if total is None else total + logits
-    return total / len(flips)
+    return total / len(flips)  # also makes the windows' inference-mode tensor an ordinary one, for in-place use
+
+
+def flipped_probabilities(network: torch.nn.Module, image: torch.Tensor, mirrored_order: Sequence[int],
+                          flips: Sequence[tuple[int, ...]], **window) -> torch.Tensor:
+    """Average class probabilities over mirrored copies of a RAS volume (each copy's softmax, summed as
+    they come: memory for the sum and one copy). Arguments as `flipped_logits`'s.
+
+    Returns:
+        (K, X, Y, Z) float32 mean probabilities.
+    """
+    total = None
+    for axes in flips:
+        probabilities = softmax_(flipped_logits(network, image, mirrored_order, [axes], **window))
+        total = probabilities if total is None else total.add_(probabilities)
+    return total.div_(len(flips)) if len(flips) > 1 else total

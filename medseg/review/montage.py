@@ -73,20 +73,14 @@ def _text(draw, xy: tuple[float, float], text: str, font, fill: Color, align: tu
     draw.text((x, y), text, font=font, fill=fill, stroke_width=2, stroke_fill=(0, 0, 0))
 
 
-def montage(tiles: Sequence[Tile], view: View, title: str, notes: Sequence[str],
-            legend: Sequence[tuple[Color, str]]) -> np.ndarray:
-    """Tiles in rows of COLUMNS under a header (title, notes, colour legend); returns (H, WIDTH, 3) uint8."""
-    from PIL import Image, ImageDraw
+def _header_height(notes: Sequence[str], legend: Sequence[tuple[Color, str]]) -> int:
+    return 14 + 30 + 22 * len(notes) + 26 * math.ceil(len(legend) / LEGEND_COLUMNS) + 6
 
-    big, small = _font(22), _font(16)
-    legend_rows = math.ceil(len(legend) / LEGEND_COLUMNS)
-    header = 14 + 30 + 22 * len(notes) + 26 * legend_rows + 6
-    cell = (WIDTH - (COLUMNS + 1) * GAP) // COLUMNS
-    tile_h = max((t.rgb.shape[0] for t in tiles), default=0)
-    rows = math.ceil(len(tiles) / COLUMNS)
-    canvas = Image.new("RGB", (WIDTH, header + rows * (tile_h + GAP) + GAP), (16, 16, 16))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((GAP, 12), title, font=big, fill=(255, 255, 255))
+
+def _draw_header(draw, title: str, notes: Sequence[str], legend: Sequence[tuple[Color, str]]) -> None:
+    """Title, notes and the colour legend across the top WIDTH pixels (`_header_height` tall)."""
+    small = _font(16)
+    draw.text((GAP, 12), title, font=_font(22), fill=(255, 255, 255))
     y = 44
     for note in notes:
         draw.text((GAP, y), note, font=small, fill=(210, 210, 210))
@@ -95,6 +89,33 @@ def montage(tiles: Sequence[Tile], view: View, title: str, notes: Sequence[str],
         x, yy = GAP + (i % LEGEND_COLUMNS) * (WIDTH // LEGEND_COLUMNS), y + (i // LEGEND_COLUMNS) * 26
         draw.rectangle((x, yy + 2, x + 16, yy + 18), fill=tuple(color), outline=(255, 255, 255))
         draw.text((x + 24, yy), text, font=small, fill=(255, 255, 255))
+
+
+def single_picture(rgb: np.ndarray, title: str, notes: Sequence[str], legend: Sequence[tuple[Color, str]]) -> np.ndarray:
+    """One picture (a 2D image's overlay) under the montages' header, centred; returns (H, WIDTH, 3) uint8."""
+    from PIL import Image, ImageDraw
+
+    header = _header_height(notes, legend)
+    h, w = rgb.shape[:2]
+    canvas = Image.new("RGB", (max(WIDTH, w + 2 * GAP), header + h + GAP), (16, 16, 16))
+    _draw_header(ImageDraw.Draw(canvas), title, notes, legend)
+    canvas.paste(Image.fromarray(rgb), ((canvas.width - w) // 2, header))
+    return np.asarray(canvas)
+
+
+def montage(tiles: Sequence[Tile], view: View, title: str, notes: Sequence[str],
+            legend: Sequence[tuple[Color, str]]) -> np.ndarray:
+    """Tiles in rows of COLUMNS under a header (title, notes, colour legend); returns (H, WIDTH, 3) uint8."""
+    from PIL import Image, ImageDraw
+
+    small = _font(16)
+    header = _header_height(notes, legend)
+    cell = (WIDTH - (COLUMNS + 1) * GAP) // COLUMNS
+    tile_h = max((t.rgb.shape[0] for t in tiles), default=0)
+    rows = math.ceil(len(tiles) / COLUMNS)
+    canvas = Image.new("RGB", (WIDTH, header + rows * (tile_h + GAP) + GAP), (16, 16, 16))
+    draw = ImageDraw.Draw(canvas)
+    _draw_header(draw, title, notes, legend)
     for i, tile in enumerate(tiles):
         h, w = tile.rgb.shape[:2]
         x0 = GAP + (i % COLUMNS) * (cell + GAP) + (cell - w) // 2

@@ -12,14 +12,16 @@ from medseg.errors import InputError
 from medseg.io import Grid, atomic_path, case_name, read_image, read_label
 from medseg.evaluate.metrics import dice
 from medseg.geometry import voxel_counts
-from medseg.review.montage import montage, render_view, thumbnail
+from medseg.planar import is_planar
+from medseg.review.montage import GAP, THUMB_SIZE, WIDTH, montage, render_view, single_picture, thumbnail
+from medseg.review.render import render_slice
 from medseg.review.views import VIEWS, canonical, mask_extents, shown_box
 
 
-def _load(source, what: str, labels: bool) -> tuple[np.ndarray, Grid, str]:
+def _load(source, what: str, labels: bool, dimensions: int = 3) -> tuple[np.ndarray, Grid, str]:
     """(X, Y, Z) array, grid and a name for messages, from a path or an (array, Grid) pair."""
     if isinstance(source, (str, Path)):
-        array, grid = read_label(source) if labels else read_image(source)
+        array, grid = read_label(source, dimensions) if labels else read_image(source, dimensions=dimensions)
         return (array if labels else array[0]), grid, str(source)
     if not (isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], Grid)):
         raise InputError(f"{what} must be a path or an (array, Grid) pair, got {type(source).__name__}")
@@ -41,8 +43,11 @@ def _window(task: Task, image: np.ndarray) -> tuple[tuple[float, float], str]:
     return ((low + high) / 2, max(high - low, 1e-6)), "window: 0.5-99.5th percentile of the scan"
 
 
-def legend_entries(task: Task, prediction: np.ndarray, reference: np.ndarray | None, voxel_ml: float):
+def legend_entries(task: Task, prediction: np.ndarray, reference: np.ndarray | None, voxel_ml: float,
+                   unit: str = "mL"):
     """Colours, legend lines and mean Dice (NaN without a reference) of every organ of the task and mask.
+
+    `voxel_ml` is a voxel's size in `unit` (a 2D image's pixel area: "mm2").
 
     Returns:
         ({label: RGB}, [(RGB, "organ: 12.3 mL (ref 11.9), Dice 0.93")], mean Dice).
@@ -58,7 +63,7 @@ def legend_entries(task: Task, prediction: np.ndarray, reference: np.ndarray | N
         ref_counts = voxel_counts(reference)
         both = voxel_counts(prediction[prediction == reference])
     for value, name in names.items():
-        text = f"{name}: {pred_counts[value] * voxel_ml:.1f} mL"
+        text = f"{name}: {pred_counts[value] * voxel_ml:.1f} {unit}"
         if reference is not None:
             score = dice(both[value], pred_counts[value] - both[value], ref_counts[value] - both[value])
             scores.append(score)
@@ -80,17 +85,21 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
         case: file name prefix; default the scan's file name without suffix.
 
     Returns:
-        The four PNG paths (written atomically): the three montages, then the thumbnail.
+        The four PNG paths (written atomically): the three montages, then the thumbnail; for a 2D image
+        (task `dimensions: 2`) two, `<case>_overlay.png` and the thumbnail (`write_planar_overlay`).
     """
-    volume, grid, image_name = _load(image, "image", labels=False)
-    prediction, mask_grid, mask_name = _load(mask, "mask", labels=True)
+    volume, grid, image_name = _load(image, "image", labels=False, dimensions=task.dimensions)
+    prediction, mask_grid, mask_name = _load(mask, "mask", labels=True, dimensions=task.dimensions)
     ref, ref_name = None, None
     if reference is not None:
-        ref, ref_grid, ref_name = _load(reference, "reference", labels=True)
+        ref, ref_grid, ref_name = _load(reference, "reference", labels=True, dimensions=task.dimensions)
     for name, other in [(mask_name, mask_grid)] + ([(ref_name, ref_grid)] if ref is not None else []):
         if not grid.matches(other):
             raise InputError(f"{name} ({other.describe()}) is not on the grid of {image_name} ({grid.describe()})")
     case = case or (case_name(image) if isinstance(image, (str, Path)) else "case")
+    if is_planar(grid.shape):
+        return write_planar_overlay(volume[..., 0], prediction[..., 0], None if ref is None else ref[..., 0],
+                                    grid.spacing[:2], task, Path(out), case)
     colors, legend, mean_dice = legend_entries(task, prediction, ref, grid.voxel_volume_ml)
     # Every picture shows the organs' box only: cut it out once, so that choosing slices and drawing
     # them touch a few organs' worth of voxels, not a whole 512 x 512 CT, over and over.
@@ -121,6 +130,33 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
             picture = montage(tiles[view.name].result(), view, f"{case} - {view.name}, {view.caption}", notes, legend)
             written[view.name] = pool.submit(_write_png, picture, Path(out) / f"{case}_{view.name}.png")
         return [written[name].result() for name in [view.name for view in VIEWS] + ["thumb"]]
+
+
+def write_planar_overlay(image: np.ndarray, prediction: np.ndarray, reference: np.ndarray | None,
+                         spacing: tuple[float, float], task: Task, out: Path, case: str) -> list[Path]:
+    """A 2D image's overlay, `<case>_overlay.png`, and its thumbnail `<case>_thumb.png`.
+
+    The image is shown as stored (row 0 at the top, X across): no patient orientation to restore. Small
+    images are enlarged (up to 8x) to fill the picture's width, large ones shrunk to it.
+
+    Args:
+        image, prediction, reference: (X, Y) arrays of one grid; `spacing` its (X, Y) pixel size in mm.
+    """
+    picture, labels = image.T, prediction.T  # (rows = Y, columns = X)
+    ref = None if reference is None else reference.T
+    pixel = (spacing[1], spacing[0])  # (row, column) mm
+    colors, legend, mean_dice = legend_entries(task, prediction, reference, spacing[0] * spacing[1], "mm2")
+    window, window_text = _window(task, picture)
+    style = "prediction: solid outline + fill" + ("" if ref is None else f"   reference: dashed outline   "
+                                                                          f"mean Dice {mean_dice:.3f}")
+    notes = [f"{window_text}   {style}   image as stored: first row at the top"]
+    width_mm, height_mm = picture.shape[1] * pixel[1], picture.shape[0] * pixel[0]
+    pixel_mm = max(width_mm / (WIDTH - 2 * GAP), height_mm / 1200, min(pixel) / 8)
+    rgb = render_slice(picture, labels, colors, window, pixel, reference2d=ref, pixel_mm=pixel_mm)
+    full = single_picture(rgb, f"{case} - 2D image, {picture.shape[1]}x{picture.shape[0]} pixels", notes, legend)
+    thumb_mm = max(width_mm / THUMB_SIZE[0], height_mm / THUMB_SIZE[1])
+    thumb = render_slice(picture, labels, colors, window, pixel, reference2d=ref, pixel_mm=thumb_mm)
+    return [_write_png(full, out / f"{case}_overlay.png"), _write_png(thumb, out / f"{case}_thumb.png")]
 
 
 def _write_png(rgb: np.ndarray, path: Path) -> Path:

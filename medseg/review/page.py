@@ -155,8 +155,9 @@ def render_page(rows: Sequence[Mapping], out: Path) -> str:
     if with_flags:
         columns.append(("flags", "QA flags", "number"))
     columns.append(("empty", "Empty organs", "number"))
+    sizes, unit = ("areas_mm2", "mm²") if any(row.get("areas_mm2") for row in rows) else ("volumes_ml", "mL")  # 2D: areas
     for organ in organs:
-        columns.append((f"ml:{organ}", f"{organ} mL", "number"))
+        columns.append((f"ml:{organ}", f"{organ} {unit}", "number"))
         if with_dice:
             columns.append((f"dice:{organ}", f"{organ} Dice", "number"))
     initial = "mean_dice" if with_dice else "rank"  # the column whose order the rows are in
@@ -178,7 +179,7 @@ def render_page(rows: Sequence[Mapping], out: Path) -> str:
             cells.append(trust.flags_cell(row))
         cells.append(f'<td data-value="{len(empty)}"{" class=empty" if empty else ""}>{esc(", ".join(empty))}</td>')
         for organ in organs:
-            cells.append(_cell(_number((row.get("volumes_ml") or {}).get(organ)), 1))
+            cells.append(_cell(_number((row.get(sizes) or {}).get(organ)), 1))
             if with_dice:
                 cells.append(_cell(_number((row.get("dice") or {}).get(organ)), 3, shade=True))
         body.append(f'<tr data-case="{esc(name)}" id="{trust.anchor(name)}">{"".join(cells)}</tr>')

@@ -115,6 +115,6 @@ def write_viewer_files(labels: np.ndarray, grid: Grid, task_labels: Sequence[Lab
     for key, value in slicer_metadata(labels, task_labels).items():
         image.SetMetaData(key, value)
     out_dir = Path(out_dir)
-    segmentation = write_sitk(image, out_dir / f"{case}.seg.nrrd")
+    segmentation = write_sitk(image, out_dir / f"{case}.seg.nrrd", keep_3d=True)  # Slicer: 2D is one slice
     label_file = write_text(itksnap_label_text(task_labels, labels), out_dir / f"{case}_itksnap_labels.txt")
     return [segmentation, label_file]

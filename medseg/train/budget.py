@@ -6,8 +6,10 @@ counted as spent, so the learning-rate schedule reaches zero early enough for th
 inside the budget; an intermediate validation runs only where it fits beside the reserve.
 
 The plan is made once the run has measured itself: preprocessing seconds, the median step time of the
-first epoch and the time of a validation (one case timed, times the cases). It says how many steps
-and validations the budget holds and why, is written to `plan.json` in the run folder and logged.
+first epoch and the time of a validation (`medseg.train.validation.measure_validation`: one case
+timed through torch and, where installed, OpenVINO with its conversion; the cheaper backend for the
+whole validation, scaled by its windows). It says how many steps and validations the budget holds and
+why, is written to `plan.json` in the run folder and logged.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Plan:
     validate_every: int  # epochs between intermediate validations
     reasons: list[str]
     network: dict = field(default_factory=dict)  # the filters, and how the budget chose them where it did
+    validation: dict = field(default_factory=dict)  # the measured cost (ValidationCost.to_dict); empty: not measured
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +72,7 @@ class Plan:
         return (f"plan ({budget}, {self.device} {self.precision}, {self.threads} threads): preprocessing "
                 f"{self.preprocessing_seconds:.0f} s, {self.step_seconds:.2f} s a step -> {self.steps_planned} steps, "
                 f"{self.validations_planned} validations of {self.validation_cases} cases at "
-                f"{self.validation_seconds:.0f} s; " + "; ".join(self.reasons + [self.network.get("reason", "")]).rstrip("; "))
+                f"{self.validation_seconds:.1f} s; " + "; ".join(self.reasons + [self.network.get("reason", "")]).rstrip("; "))
 
 
 def make_plan(budget: Budget, epochs_left: int, steps_per_epoch: int, step_seconds: float,
@@ -101,6 +104,8 @@ def make_plan(budget: Budget, epochs_left: int, steps_per_epoch: int, step_secon
                        if every < 10**9 else "no intermediate validation fits: only the final one")
         reasons.append("the budget ends the run before the planned epochs" if steps < steps_by_epochs
                        else "the planned epochs end before the budget")
+    if context.get("validation"):
+        reasons.append(validation_reason(context["validation"]))
     steps += steps_done
     if steps < MIN_STEPS:
         faster = "a GPU" if context.get("precision") == "bf16" else "a CPU with bf16 units or a GPU"
@@ -112,6 +117,18 @@ def make_plan(budget: Budget, epochs_left: int, steps_per_epoch: int, step_secon
                 validation_seconds=round(validation_seconds, 1), steps_planned=int(steps),
                 validations_planned=int(validations), validate_every=int(min(every, 10**6)), reasons=reasons,
                 **context)
+
+
+def validation_reason(cost: dict) -> str:
+    """Why validations run through the backend they do, from `ValidationCost.to_dict()`."""
+    case = cost["case_seconds"]
+    text = (f"validation through {cost['backend']}: {case[cost['backend']]:.2f} s for the timed case, "
+            f"x{cost['repeats']:g} for its windows")
+    if "openvino" in case:
+        verdict = "pays" if cost["backend"] == "openvino" else "does not pay"
+        text += (f"; OpenVINO ({case['openvino']:.2f} s a case + {cost['convert_seconds']:.1f} s to convert each "
+                 f"validation's weights, torch {case['torch']:.2f} s) {verdict}")
+    return text
 
 
 # ------------------------------------------------------------------------- the network for the budget

@@ -36,11 +36,11 @@ import numpy as np
 from medseg.config import Task
 from medseg.data.datasets import Case, load_dataset
 from medseg.errors import InputError
+from medseg.infer.ensemble import CROSSVAL_NAME
 from medseg.io import read_label, write_image, write_label_map, write_text
 from medseg.model.folder import CONFIG_NAME, read_run_config
 from medseg.train.run import TrainOptions, fit
 
-CROSSVAL_NAME = "crossval.json"  # the folds, seed and task of a cross-validation folder
 SUMMARY_NAME = "cv_summary.json"
 OOF_FOLDER = "oof"
 RULE = ("keep-largest-piece per organ when it does not lower the organ's mean out-of-fold Dice "
@@ -143,7 +143,7 @@ def _predict_held_out(predictor, case: Case, fold: int, task: Task, out: Path, c
     """One held-out case: raw mask, probabilities and scores written to `out` (the .json last: it marks the
     case done, with the weights that predicted it)."""
     seg = predictor.predict(list(case.images), keep_probabilities=True)
-    reference, grid = read_label(case.label)
+    reference, grid = read_label(case.label, task.dimensions)
     if not grid.matches(seg.grid):
         raise InputError(f"{case.label}: label grid ({grid.describe()}) differs from its image's "
                          f"({seg.grid.describe()})")

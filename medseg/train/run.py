@@ -15,6 +15,7 @@ every rank takes the same `--max-minutes` decisions and none is left waiting in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -44,7 +45,7 @@ from medseg.train.runfolder import (MetricsTable, TensorBoard, make_logger, rng_
 from medseg.train.budget import Budget, Plan, choose_width, make_plan
 from medseg.train.steps import Progress, WeightAverage, learning_rate, make_loss, make_optimizer, train_one_epoch
 from medseg.train.transfer import check_options, freeze_for_epoch, start_weights
-from medseg.train.validation import validate
+from medseg.train.validation import ValidationCost, measure_validation, validate
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def _new_config(options: TrainOptions) -> RunConfig:
     fingerprint = compute_fingerprint([cases[n] for n in split["train"]], task)
     prep = resolve_preprocessing(task, fingerprint)
     plan_for = lambda filters: plan_network(replace(task.network, filters=filters), len(task.channels),  # noqa: E731
-                                            task.num_classes, task.patch_size, prep.spacing)
+                                            task.num_classes, task.patch_size, prep.spacing, task.dimensions)
     plan = plan_for(task.network.filters)
     if any(p % d for p, d in zip(task.patch_size, plan.divisor)):
         raise InputError(f"patch_size {task.patch_size} must be a multiple of {plan.divisor} for this network")
@@ -162,6 +163,7 @@ class _Training:
     table: MetricsTable | None = None
     board: TensorBoard | None = None
     validation_seconds: float = 0.0  # the last validation's, or its estimate
+    validation_cost: ValidationCost | None = None  # measured at the start of a budgeted run; its backend validates
     validate_every: int = 1  # epochs between intermediate validations (the task's, then the plan's)
     plan: Plan | None = None
     preprocessing_seconds: float = 0.0
@@ -272,21 +274,29 @@ def _restore(run: _Training, state: dict, seed: int) -> None:
                  f"({run.progress.wall_seconds / 60:.1f} min of the budget spent)")
 
 
-def _validate(run: _Training, subjects: list | None = None) -> dict[str, float]:
+def _validate(run: _Training) -> dict[str, float]:
     """Validation Dice per organ with the weights that are saved; its seconds become the reserve."""
     start = time.perf_counter()
-    subjects = run.validation if subjects is None else subjects
-    args = (run.config.task, run.config.network, run.world.device, run.world, run.precision)
-    if run.average:
-        with run.average.applied(run.network):
-            scores = validate(run.network, subjects, *args)
-    else:
-        scores = validate(run.network, subjects, *args)
-    seconds = run.world.max(time.perf_counter() - start) * (len(run.validation) / max(len(subjects), 1))
+    backend = run.validation_cost.backend if run.validation_cost else "torch"
+    with run.average.applied(run.network) if run.average else contextlib.nullcontext():
+        scores = validate(run.network, run.validation, run.config.task, run.config.network, run.world.device, run.world,
+                          run.precision, run.config.preprocessing, backend)
+    _set_validation_seconds(run, run.world.max(time.perf_counter() - start))
+    return scores
+
+
+def _measure_validation(run: _Training) -> None:
+    """One case timed through each backend (`measure_validation`): the backend for the run's
+    validations, and the final validation's estimated time kept back from the steps."""
+    run.validation_cost = measure_validation(run.network, run.validation, run.config.task, run.config.network,
+                                             run.world.device, run.world, run.precision, run.config.preprocessing)
+    _set_validation_seconds(run, run.validation_cost.seconds)
+
+
+def _set_validation_seconds(run: _Training, seconds: float) -> None:
     run.validation_seconds = seconds
     if run.budget.seconds:
         run.budget.reserve = seconds
-    return scores
 
 
 def _make_plan(run: _Training, step_seconds: list[float]) -> None:
@@ -295,6 +305,7 @@ def _make_plan(run: _Training, step_seconds: list[float]) -> None:
     context = {"device": str(run.world.device), "precision": run.precision,
                "preprocessing_seconds": round(run.preprocessing_seconds, 1),
                "validation_cases": len(run.config.split["validation"][:schedule.validation_cases]),
+               "validation": run.validation_cost.to_dict() if run.validation_cost else {},
                "network": run.config.network_choice or {"filters": list(run.config.network.filters)}}
     run.plan = make_plan(run.budget, run.config.epochs - run.progress.epoch, schedule.steps_per_epoch,
                          float(np.median(step_seconds)), run.validation_seconds, schedule.validate_every, context,
@@ -365,8 +376,8 @@ def fit(options: TrainOptions, world: World | None = None) -> Path:
     world = world or World(resolve_device(options.device))
     run = _start(options, world, budget)
     loss_fn = make_loss(run.config.task, run.config.network)
-    if budget.seconds:  # one case timed: the final validation's time is kept back from the steps
-        _validate(run, run.validation[:1])
+    if budget.seconds:  # one case timed: the validations' backend, and the final one's time kept back
+        _measure_validation(run)
     show_bar = sys.stderr.isatty() and world.is_main
     try:
         done = run.progress.epoch >= run.config.epochs or run.fraction() >= 1.0

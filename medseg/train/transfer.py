@@ -99,7 +99,7 @@ def encoder_names(network: torch.nn.Module, family: str) -> list[str]:
     """Names of the encoder's parameters in a network of `family` (see `ENCODERS`)."""
     if family not in ENCODERS:
         raise InputError(f"--freeze-encoder-epochs: no encoder defined for network '{family}'")
-    pattern = re.compile(ENCODERS[family])
+    pattern = re.compile(rf"(net\.)?{ENCODERS[family]}")  # net.: a 2D network inside `networks.Planar`
     return [name for name, _ in network.named_parameters() if pattern.match(name)]
 
 

@@ -10,7 +10,7 @@ import torch
 import torchio as tio
 from conftest import blob_case, make_grid
 
-from medseg.config import Augmentation, FlipAug, load_task
+from medseg.config import AffineAug, Augmentation, BlurAug, ElasticAug, FlipAug, load_task
 from medseg.data.augment import build_augmentation, flip_left_right
 from medseg.data.preprocess import ChannelIntensity, Preprocessing, preprocess
 
@@ -70,3 +70,21 @@ def test_augmentation_keeps_labels_and_shapes(ras_subject):
         assert out["image"].shape == ras_subject["image"].shape
         assert set(np.unique(out["label"].data.numpy())) <= {0, 1, 2, 3, 4, 5}
         assert torch.isfinite(out["image"].data).all()
+
+
+def test_2d_augmentation_stays_in_plane():
+    """A 2D task's (C, X, Y, 1) patches keep their singleton axis: rotation about it only, scaling, blur and
+    elastic shifts in-plane only."""
+    augmentation = Augmentation(affine=AffineAug(p=1.0, degrees=30.0), elastic=ElasticAug(p=1.0, max_displacement=2.0),
+                                flip=FlipAug(p=1.0, axes=("LR", "AP")), blur=BlurAug(p=1.0))
+    task = dataclasses.replace(load_task("prostate"), dimensions=2, patch_size=(32, 32, 1), augmentation=augmentation)
+    transform = build_augmentation(task)
+    affine = next(t for t in transform.transforms if isinstance(t, tio.RandomAffine))
+    assert tuple(affine.degrees[:4]) == (0, 0, 0, 0) and tuple(affine.scales[4:]) == (1, 1)
+    labels = torch.zeros(1, 40, 36, 1, dtype=torch.uint8)
+    labels[0, 10:30, 8:28] = 2
+    subject = tio.Subject(image=tio.ScalarImage(tensor=labels.float() * 100 + torch.randn(1, 40, 36, 1)),
+                          label=tio.LabelMap(tensor=labels))
+    out = transform(subject)
+    assert out["image"].shape == (1, 40, 36, 1) and out["label"].shape == (1, 40, 36, 1)
+    assert set(out["label"].data.unique().tolist()) <= {0, 2} and (out["label"].data == 2).sum() > 200

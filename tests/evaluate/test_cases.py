@@ -101,3 +101,22 @@ def test_surface_tolerances_come_from_the_argument_then_the_task_file_then_the_f
         "brainstem": (2.5, "task file"), "larynx": (4.0, "given")}
     assert surface_tolerances(["brainstem"], from_task, 3.0) == {"brainstem": (3.0, "given")}
 
+
+
+def test_2d_maps_report_areas_in_mm2_and_3d_keeps_volumes():
+    """A 2D image ((X, Y, 1)) has areas instead of volumes; a 3D organ drawn on one slice is still 3D."""
+    ref, pred = np.zeros((20, 16, 1), np.uint8), np.zeros((20, 16, 1), np.uint8)
+    ref[2:8, 3:9], pred[4:8, 3:9] = 1, 1  # 36 and 24 pixels
+    rows = {r["metric"]: r["value"] for r in evaluate_case(ref, pred, (0.5, 0.25, 1.0), {1: "nucleus", 2: "cell"})
+            if r["organ"] == "nucleus"}
+    assert rows["area_ref_mm2"] == pytest.approx(36 * 0.125) and rows["area_pred_mm2"] == pytest.approx(24 * 0.125)
+    assert "volume_ref_ml" not in rows
+    assert rows["hd_mm"] == pytest.approx(2 * 0.5)  # in-plane: the contour rows 2 px apart along X
+    volume = np.zeros((20, 16, 5), np.uint8)
+    volume[..., 2:3] = ref  # the same square on one slice of a 3D scan: the old 3D surface, volumes in mL
+    pred3 = np.zeros_like(volume)
+    pred3[..., 2:3] = pred
+    rows3 = {r["metric"]: r["value"] for r in evaluate_case(volume, pred3, (0.5, 0.25, 1.0), {1: "nucleus"})
+             if r["organ"] == "nucleus"}
+    assert rows3["volume_ref_ml"] == pytest.approx(36 * 0.125 / 1000)
+    assert rows3["assd_mm"] < rows["assd_mm"]  # every voxel of a one-slice 3D organ is surface

@@ -231,3 +231,27 @@ def test_pixel_accuracy_of_empty_maps_is_one():
     assert metrics.pixel_accuracy(empty, empty, classes=[1]) == (1.0, 1.0)
 
 
+
+
+# ------------------------------------------------------------------------------ 2D images: (X, Y, 1)
+
+
+def test_2d_surfaces_are_in_plane_contours():
+    """Two 10x10-pixel squares, the second shifted 2 pixels along X, as medseg holds 2D images: (X, Y, 1).
+
+    A-only column x=5 is 2 px (1.0 mm) from B's contour; worked by hand over A's 36 contour pixels:
+    10 at 1.0 mm (left column), 2 at 0.5 (x=6 on the top/bottom rows), 16 at 0 (on B's rows), and the
+    right column x=14, y=6..13: 0.7 at y=6 and 13 (B's rows are 1 px = 0.7 mm away), 1.0 elsewhere.
+    Were the singleton axis a 3D slab, every pixel would be surface and ASSD would fall to 0.15 mm.
+    """
+    spacing = (0.5, 0.7, 1.0)
+    ref, pred = np.zeros((24, 20, 1), bool), np.zeros((24, 20, 1), bool)
+    ref[5:15, 5:15], pred[7:17, 5:15] = True, True
+    assert metrics.surface(ref).sum() == 36  # the contour, not all 100 pixels
+    values = all_metrics(ref, pred, spacing, tolerance_mm=0.6)
+    assert values["hd95_mm"] == pytest.approx(2 * spacing[0])
+    assert values["hd_mm"] == pytest.approx(2 * spacing[0])
+    per_direction = 10 * 1.0 + 2 * 0.5 + 6 * 1.0 + 2 * 0.7
+    assert values["assd_mm"] == pytest.approx(2 * per_direction / 72)
+    assert values["surface_dice"] == pytest.approx(36 / 72)  # the 0 and 0.5 mm pixels of both contours
+    assert values["dice"] == pytest.approx(2 * 80 / 200)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +112,38 @@ def test_api_matches_cli(tiny_model, tmp_path):
 def test_no_model_says_how_to_train(tmp_path):
     with pytest.raises(ValueError, match="train one with `medseg train --task prostate`"):
         find_model("prostate", runs=tmp_path / "runs")
+
+
+def test_without_a_model_predict_takes_the_newest_run_or_finished_cross_validation(tiny_model, tiny_dataset, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """runs/tiny/: a run folder, a cross-validation folder of 2 folds and, newest of all, one with 2 of its 3
+    folds: the unfinished one is never taken, the others by their newest best.pt."""
+    runs = tmp_path / "runs" / "tiny"
+    ignore = shutil.ignore_patterns("cache", "tensorboard")
+    shutil.copytree(tiny_model, runs / "single", ignore=ignore)
+    for name, folds in (("cv", 2), ("unfinished", 3)):
+        for k in range(2):
+            shutil.copytree(tiny_model, runs / name / f"fold_{k}", ignore=ignore)
+        (runs / name / "crossval.json").write_text(json.dumps({"folds": folds, "seed": 0}))
+    for checkpoint, seconds in (("single", 1000), ("cv/fold_0", 3000), ("cv/fold_1", 2000),
+                                ("unfinished/fold_0", 5000), ("unfinished/fold_1", 5000)):
+        os.utime(runs / checkpoint / "best.pt", (seconds, seconds))
+    assert find_model("tiny", tmp_path / "runs") == runs / "cv"
+    os.utime(runs / "single" / "best.pt", (4000, 4000))
+    assert find_model("tiny", tmp_path / "runs") == runs / "single"
+    os.utime(runs / "single" / "best.pt", (1000, 1000))
+
+    grid = make_grid("LPS", shape=(36, 36, 16), spacing=(1.5, 1.5, 3.0))
+    scan = write_image(blob_case(grid, seed=5)[0], grid, tmp_path / "scan.nii.gz")
+    monkeypatch.chdir(tmp_path)  # runs/ is looked for in the working folder
+    assert main(["predict", str(scan), "--task", str(tiny_dataset[1]), "-o", "out", "--no-overlays",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    cv = Path("runs", "tiny", "cv")
+    assert f"model: {cv} (the newest for task 'tiny'; a cross-validation folder: the ensemble of its 2 folds)" in err
+    summary = json.loads(Path("out", "summary.json").read_text())
+    assert summary["model"] == str(cv)
+    assert "confidence" in json.loads(Path("out", "scan_volumes.json").read_text())["organs"]["bladder"]  # an ensemble
 
 
 @pytest.mark.parametrize("orientation", ["LPS", "oblique"])

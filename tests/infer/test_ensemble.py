@@ -64,6 +64,16 @@ def test_one_member_gives_the_single_models_mask(tiny_model, scan):
     assert ensemble.uncertainty is None  # maps only on request
 
 
+def test_with_flips_one_member_gives_the_single_models_probabilities(tiny_model, scan):
+    """Both average the flips' softmax (not the flips' logits): the one-model ensemble is the model."""
+    single = Predictor(tiny_model, device="cpu", tta=True).predict(scan, keep_probabilities=True)
+    ensemble = EnsemblePredictor([tiny_model], device="cpu", tta=True, uncertainty=True).predict(
+        scan, keep_probabilities=True)
+    np.testing.assert_array_equal(ensemble.labels, single.labels)
+    np.testing.assert_array_equal(ensemble.probabilities, single.probabilities)
+    assert ensemble.disagreement is not None  # four flips: four members
+
+
 def test_the_ensemble_averages_the_folds_probabilities(cv, scan):
     folds = [Predictor(f, device="cpu").predict(scan, keep_probabilities=True) for f in fold_folders(cv)]
     ensemble = EnsemblePredictor(fold_folders(cv), device="cpu").predict(scan, keep_probabilities=True)
@@ -103,8 +113,24 @@ def test_malformed_postprocessing_and_mismatched_folds_are_input_errors(cv, tmp_
         make_predictor(bad, device="cpu")
     (bad / "postprocessing.json").unlink()
     config = json.loads((bad / "fold_1" / "config.json").read_text())
-    config["network"]["patch_size"] = [32, 32, 32]
-    config["task"]["patch_size"] = [32, 32, 32]
+    config["preprocessing"]["spacing"] = [2.0, 3.0, 3.0]
     (bad / "fold_1" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match=r"fold_1: its organs, channels or patch size differ from .*fold_0"):
+    with pytest.raises(InputError, match=r"fold_1: its model spacing 2x3x3 mm differs from .*fold_0's 3x3x3 mm"):
         make_predictor(bad, device="cpu")
+    config["task"]["labels"] = {**config["task"]["labels"], "6": {"name": "urethra"}}
+    (bad / "fold_1" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"fold_1: its organs or channels differ from .*fold_0's"):
+        make_predictor(bad, device="cpu")
+
+
+def test_models_with_other_patch_sizes_make_one_ensemble(cv, scan, tmp_path):
+    """Models of one task trained elsewhere, with another window: each runs its own windows."""
+    other = tmp_path / "other"
+    shutil.copytree(cv / "fold_1", other)
+    config = json.loads((other / "config.json").read_text())
+    config["network"]["patch_size"] = config["task"]["patch_size"] = [32, 32, 16]
+    (other / "config.json").write_text(json.dumps(config))
+    ensemble = EnsemblePredictor([cv / "fold_0", other], device="cpu").predict(scan, keep_probabilities=True)
+    single = Predictor(cv / "fold_0", device="cpu").predict(scan, keep_probabilities=True)
+    assert ensemble.labels.shape == single.labels.shape and ensemble.grid == single.grid
+    assert not np.array_equal(ensemble.probabilities, single.probabilities)  # the second model counted

@@ -16,7 +16,7 @@ from medseg.config import load_task
 from medseg.data.datasets import load_dataset
 from medseg.data.fingerprint import compute_fingerprint
 from medseg.infer.predictor import Segmentation
-from medseg.infer.qa import TrainingStats, check_segmentation, skipped_checks
+from medseg.infer.qa import Checker, TrainingStats, check_segmentation, format_flags, skipped_checks
 from medseg.io import write_image
 
 PROSTATE = load_task("prostate")
@@ -75,6 +75,56 @@ def test_nothing_found_at_all_flags_every_expected_organ(stats):
     flags = check_segmentation(seg, PROSTATE, stats)
     assert {f.organ for f in flags} == set(PROSTATE.label_names.values()) and {f.check for f in flags} == {"missing"}
     assert "nor any other organ" in flags[0].reason
+
+
+def test_an_organ_the_scan_does_not_reach_is_outside_the_field_of_view_not_missing(stats):
+    """The same case twice without its right femoral head (patient's right: low LPS x): cropped from the
+    side so the scan ends before where that head lies, it is a note; with the scan reaching there, missing."""
+    grid = make_grid("LPS")
+    _, labels = blob_case(grid, seed=7)
+    head = np.nonzero((labels == 5).any(axis=(1, 2)))[0]
+    box = (slice(int(head.max()) + 2, grid.shape[0]), slice(0, grid.shape[1]), slice(0, grid.shape[2]))
+    cropped = Segmentation(labels[box].copy(), grid.crop(box), PROSTATE.label_names)
+    assert not (cropped.labels == 5).any() and (cropped.labels == 4).any()
+
+    (note,) = check_segmentation(cropped, PROSTATE, stats)
+    assert (note.organ, note.check, note.severity) == ("femoral_head_right", "outside", 0.0)
+    assert note.reason.startswith("not found, and its usual position lies outside the scan's field of view (R-L: x ")
+    assert note.reason.endswith("; not flagged missing") and "\n" not in note.reason
+    expected_x = float(note.reason.split("(R-L: x ")[1].split(" mm")[0])
+    assert expected_x < grid.crop(box).origin[0] - 3  # well beyond the scan's first voxel along x
+
+    absent = np.where(labels == 5, 0, labels).astype(np.uint8)  # the whole width: the scan reaches there
+    (flag,) = check_segmentation(Segmentation(absent, grid, PROSTATE.label_names), PROSTATE, stats)
+    assert (flag.organ, flag.check, flag.severity) == ("femoral_head_right", "missing", 2.5)
+    assert flag.reason.startswith("not found (training had it in 3 of 3 cases), although the scan covers its usual "
+                                  "position, x ")
+    assert "only" not in flag.reason  # all three axes known
+
+
+def test_outside_notes_are_counted_apart_from_flags():
+    note = {"organ": "femoral_head_right", "check": "outside", "reason": "not found, ...", "severity": 0.0}
+    flag = {"organ": "rectum", "check": "missing", "reason": "not found (...)", "severity": 2.5}
+    rows = [{"case": "a", "flags": [note]}, {"case": "b", "flags": [flag, note]}, {"case": "c", "flags": []}]
+    assert Checker.closing_line(rows) == ("QA: 1 flag in 1 of 3 cases; 2 organs outside the field of view (worst "
+                                          "first in summary.json and at the top of review.html)")
+    assert Checker.closing_line(rows[:1]) == "QA: no flags; 1 organ outside the field of view"
+    assert format_flags("a", [note, flag]) == ["  note a / femoral_head_right [outside]: not found, ...",
+                                               "  flag a / rectum [missing]: not found (...)"]
+
+
+def test_statistics_with_only_the_head_foot_offset_check_head_foot_alone(stats):
+    """A model folder from before the R-L and A-P offsets: the cropped case is flagged missing, as before."""
+    old = TrainingStats({organ: {k: v for k, v in entry.items() if k not in ("offset_rl_mm", "offset_ap_mm")}
+                         for organ, entry in stats.organs.items()})
+    grid = make_grid("LPS")
+    _, labels = blob_case(grid, seed=7)
+    box = (slice(16, grid.shape[0]), slice(0, grid.shape[1]), slice(0, grid.shape[2]))
+    (flag,) = check_segmentation(Segmentation(labels[box].copy(), grid.crop(box), PROSTATE.label_names), PROSTATE, old)
+    assert (flag.organ, flag.check) == ("femoral_head_right", "missing")
+    assert flag.reason.endswith("mm from the other organs' centre; only S-I known from training)")
+    assert "head-foot only" in skipped_checks(old, with_confidence=True)[0]
+    assert skipped_checks(stats, with_confidence=True) == []
 
 
 def test_a_left_organ_without_its_partner_is_flagged_only_well_on_the_wrong_side():

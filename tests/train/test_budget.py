@@ -85,3 +85,34 @@ def test_the_budget_chooses_the_widest_network_that_trains_far_enough(tiny_datas
     assert plan.filters == expected and record["filters"] == list(expected)
     assert all(seconds > 0 for seconds in record["step_seconds"].values())
     assert ("falls short" in record["reason"]) == (target > 1)
+
+
+# The 45-minute head-and-neck run (one thread, bf16): 51 s preprocessing + a 31 s first epoch, 0.578 s a
+# step, 50 steps an epoch; validation measured 16.2 s for 5 cases on the full grid (3.24 s a case).
+HEADNECK = {"device": "cpu", "precision": "bf16", "preprocessing_seconds": 51.0, "validation_cases": 12}
+
+
+def headneck_plan(validation_seconds: float, validate_every: int, cost: dict | None = None):
+    budget = Budget(45 * 60.0, used_before=82.0, reserve=validation_seconds)
+    context = dict(HEADNECK, validation=cost or {})
+    return make_plan(budget, epochs_left=199, steps_per_epoch=50, step_seconds=0.578,
+                     validation_seconds=validation_seconds, validate_every=validate_every, context=context,
+                     steps_done=50)
+
+
+def test_a_cheaper_measured_validation_buys_validations_and_steps():
+    """Twelve cases at the old full-grid cost (12 x 3.24 s) against the measured body-box cost
+    (`measure_validation` on hn_002..hn_013: 1.9 s for a 24-window case, x7.08 for the twelve cases' windows)."""
+    from medseg.train.validation import ValidationCost
+
+    cost = ValidationCost("torch", 7.08 * 1.9, {"torch": 1.9, "openvino": 1.45}, 4.7, 7.08)
+    old, new = headneck_plan(12 * 3.24, 1), headneck_plan(cost.seconds, 1, cost.to_dict())
+    assert new.validate_every < old.validate_every and new.validations_planned > old.validations_planned
+    for plan, seconds in ((old, 12 * 3.24), (new, cost.seconds)):  # either way inside the validation share
+        assert (plan.validations_planned - 1) * seconds <= VALIDATION_SHARE * 45 * 60 + 1e-6
+    assert new.validation == cost.to_dict() and json.loads(json.dumps(new.to_dict()))["validation"]["backend"] == "torch"
+    assert any("validation through torch" in r and "does not pay" in r for r in new.reasons)
+    assert not any("validation through" in r for r in old.reasons)  # not measured: no such reason
+    # the task's validate_every (20 for headneck) is a floor: the time saved goes to steps
+    old, new = headneck_plan(12 * 3.24, 20), headneck_plan(cost.seconds, 20, cost.to_dict())
+    assert new.validate_every == old.validate_every == 20 and new.steps_planned > old.steps_planned

@@ -173,8 +173,12 @@ def write_sample_dataset(out: str | Path, task: str = "prostate", n_train: int =
     `out/dataset.json` lists `imagesTr/case_000.nii.gz` ... with their `labelsTr/` maps, then the test
     cases in `imagesTs/` and `labelsTs/`. Voxel data depend only on (seed, case index).
     """
+    if task == "cells":  # 2D fluorescence microscopy, with nucleus instances (medseg.data.phantom.cells)
+        from medseg.data.phantom.cells import write_cells_dataset
+
+        return write_cells_dataset(out, n_train, n_test, seed)
     if task != "prostate":
-        raise InputError(f"no phantom for task '{task}' (available: prostate)")
+        raise InputError(f"no phantom for task '{task}' (available: prostate, cells)")
     if n_train < 1 or n_test < 0:
         raise InputError(f"need at least 1 training case and 0 or more test cases, got {n_train} and {n_test}")
     if seed < 0:
