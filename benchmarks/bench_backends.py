@@ -19,8 +19,9 @@ Parts:
   first sample test scan of the prostate model's task and on an adult-sized 512 x 512 x `--slices`
   synthetic CT (`bench_predict.make_scan`, scale 1.45).
 - `agreement`: labels of every variant against torch fp32 on trained models (prostate: the sample test
-  cases; headneck: `--cases` of the model's validation cases), and per-organ Dice against the references.
-  Criteria (issue 21): agreement >= 0.999 and |dDice| <= 0.005 for every case and organ.
+  cases; headneck: `--headneck-cases` of `--headneck-data`, default `--cases` of the model's validation cases),
+  and per-organ Dice against the references on the organs each case contoured. Criteria (issue 21):
+  agreement >= 0.999 and |dDice| <= 0.005 for every case and organ.
 - `conversion`: OpenVINO's first conversion (empty cache) and a cached load, per model.
 
 Timing: `--threads` (default 1) for torch and OpenVINO alike; variants interleaved, the minimum of
@@ -44,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.errors import InputError
 from medseg.infer.backends import openvino_network, openvino_version
 from medseg.infer.predictor import Predictor, load_model
 from medseg.model.folder import load_checkpoint, read_run_config
@@ -204,16 +206,19 @@ def adult_scan(folder: Path, slices: int) -> Path:
 # ------------------------------------------------------------------------------------ agreement
 
 
-def test_cases(folder: Path, count: int) -> list:
-    """Cases with references: the task's sample test cases, else `count` of the run's validation cases."""
+def test_cases(folder: Path, count: int, data: Path | None = None, names: list[str] | None = None) -> list:
+    """Cases with references: the sample test cases, else `names` (or `count` validation cases) of `data`."""
     from medseg.config import sample_data_dir
     from medseg.data.datasets import load_dataset
 
     config = read_run_config(folder)
-    if config.task.sample_data and config.data == str(sample_data_dir(config.task.sample_data)):
+    if data is None and config.task.sample_data and config.data == str(sample_data_dir(config.task.sample_data)):
         return load_dataset(config.data, "test")
-    held_out = set(config.split.get("validation", [])[:count])
-    return [case for case in load_dataset(config.data, "train") if case.name in held_out]
+    wanted = names or config.split.get("validation", [])[:count]
+    found = {case.name: case for case in load_dataset(data or config.data, "train") if case.name in wanted}
+    if missing := sorted(set(wanted) - set(found)):
+        raise InputError(f"{data or config.data}: no case {', '.join(missing)}")
+    return [found[name] for name in wanted]
 
 
 def dice_per_organ(reference: np.ndarray, predicted: np.ndarray, organs: dict[int, str]) -> dict[str, float]:
@@ -222,16 +227,16 @@ def dice_per_organ(reference: np.ndarray, predicted: np.ndarray, organs: dict[in
     return {name: float(dice(*confusion(reference == i, predicted == i)[:3])) for i, name in organs.items()}
 
 
-def bench_agreement(folder: Path, bf16: bool, count: int, extra: dict | None = None) -> dict:
-    """Every variant's labels against torch fp32's, and the change of each organ's Dice, per case."""
+def bench_agreement(folder: Path, bf16: bool, cases: list, extra: dict | None = None) -> dict:
+    """Every variant's labels against torch fp32's, and each contoured organ's change of Dice, per case."""
     from medseg.io import read_label
 
     predictors = {name: Predictor(load(folder, backend, precision)) for name, backend, precision in variants(bf16, False)}
     predictors.update({name: Predictor(bundle) for name, bundle in (extra or {}).items()})
-    organs = predictors["torch_fp32"].task.label_names
-    cases, rows = test_cases(folder, count), {}
-    for case in cases:
+    all_organs, rows = predictors["torch_fp32"].task.label_names, {}
+    for case in cases:  # an organ a case did not contour has an empty reference there, not a true one
         reference = read_label(case.label)[0]
+        organs = {i: n for i, n in all_organs.items() if case.contoured is None or n in case.contoured}
         labels = {name: predictor.predict(list(case.images)).labels for name, predictor in predictors.items()}
         base = labels.pop("torch_fp32")
         dice32 = dice_per_organ(reference, base, organs)
@@ -335,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--slices", type=int, default=150, help="slices of the adult-sized 512 x 512 CT")
     parser.add_argument("--cases", type=int, default=4, help="headneck validation cases for the agreement")
+    parser.add_argument("--headneck-data", type=Path, help="dataset of the headneck agreement's cases")
+    parser.add_argument("--headneck-cases", nargs="+", help="their names (default: the model's validation cases)")
     parser.add_argument("--avx2", action="store_true", help="also the window part with oneDNN held to AVX2")
     parser.add_argument("--int8", action="store_true", help="also NNCF int8 of the prostate model (needs nncf)")
     parser.add_argument("--no-bf16", action="store_true", help="fp32 variants only (as on a CPU without bf16)")
@@ -380,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             result["e2e"] = bench_e2e(args.prostate_model, scans, bf16, args.repeats, extra)
     if "agreement" in args.parts:
         log("agreement")
-        result["agreement"] = {name: bench_agreement(folder, bf16, args.cases, extra if name == "prostate" else None)
+        chosen = {"headneck": (args.headneck_data, args.headneck_cases)}
+        result["agreement"] = {name: bench_agreement(folder, bf16, test_cases(folder, args.cases, *chosen.get(name, ())),
+                                                     extra if name == "prostate" else None)
                                for name, folder in models.items()}
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=2)

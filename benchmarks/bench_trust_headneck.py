@@ -21,10 +21,19 @@ before the R-L and A-P offsets were recorded check the field of view head-foot o
 `--recompute-statistics` computes the statistics again from each model's training cases (its
 config.json's split, read from --data), as a model trained now would hold them.
 
+The confidence flag uses each model folder's confidence.json where it has one, as `medseg predict`
+does (`medseg.infer.calibration`), else the global 0.8. `--calibrate` first chooses the per-organ
+thresholds afresh, for models trained elsewhere: each model folder predicts its own validation cases
+(its config.json's split, read from --data: cases it did not train on, among the first 170) exactly
+as it will predict the held-out ones, and the ensemble the validation cases that none of its members
+trained on. Any held-out case among them is refused. A cross-validation folder brings its own
+confidence.json (its out-of-fold predictions; `medseg calibrate CV`). Nothing is written into the
+model folders: the thresholds go to results.json (`calibration`) and results.md.
+
 Writes results.json (with every organ-case row) and results.md to --results.
 
     python benchmarks/bench_trust_headneck.py --models runs/headneck/a runs/headneck/b \\
-        [--data ../shared/datasets/openkbp-hn] [--tta] [--cases N] [--device auto]
+        [--data ../shared/datasets/openkbp-hn] [--calibrate] [--tta] [--cases N] [--device auto]
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from bench_headneck import DEFAULT_DATA, split_cases
@@ -44,6 +53,7 @@ from bench_trust import dice_table, flag_quality, organ_cases
 from medseg.data.datasets import Case, load_dataset
 from medseg.data.fingerprint import compute_fingerprint
 from medseg.errors import InputError
+from medseg.infer.calibration import Calibration, calibrate_rows, predict_rows, read_calibration, unseen_cases
 from medseg.infer.ensemble import EnsemblePredictor, is_cv_folder, model_folders, read_postprocessing
 from medseg.infer.qa import Checker, TrainingStats
 from medseg.io import write_text
@@ -96,10 +106,13 @@ def recompute_statistics(folders: Sequence[Path], data: Path, known: dict) -> Tr
 
 
 def model_predictor(model: Path, device: str, tta: bool) -> tuple[EnsemblePredictor, Checker]:
-    """A model folder as `medseg predict -m MODEL --uncertainty` runs it, and its QA checks."""
+    """A model folder as `medseg predict -m MODEL --uncertainty` runs it, and its QA checks (with the folder's
+    confidence.json, where it has one)."""
     chosen = read_postprocessing(model) if is_cv_folder(model) else None
     organs, source = chosen if chosen else (None, "task file (inference.largest_component)")
-    return ensemble_predictor(model_folders(model), device, tta, organs, source)
+    predictor, checker = ensemble_predictor(model_folders(model), device, tta, organs, source)
+    checker.calibration = read_calibration(model)
+    return predictor, checker
 
 
 def ensemble_predictor(folders: Sequence[Path], device: str, tta: bool, organs: Sequence[str] | None = None,
@@ -110,19 +123,68 @@ def ensemble_predictor(folders: Sequence[Path], device: str, tta: bool, organs: 
     return predictor, checker
 
 
+def refuse_held_out(calibration: dict, held_out: Collection[str], model: str) -> None:
+    """A calibration that saw a held-out case would flatter the flags: refused."""
+    seen = sorted(set(calibration["cases"]) & set(held_out))
+    if seen:
+        raise InputError(f"{model}: calibration on held-out case(s) {', '.join(seen[:3])} refused; calibrate on "
+                         f"validation cases among the first 170 only")
+
+
+def calibrate_on_validation(predictor: EnsemblePredictor, data: Path, held_out: Collection[str]) -> dict:
+    """confidence.json's data for `predictor`, from the validation cases (in `data`) that none of its model
+    folders trained on, predicted as the held-out cases will be; a held-out case among them is refused."""
+    cases = unseen_cases(predictor.folders, data)
+    refuse_held_out({"cases": [case.name for case in cases]}, held_out, str(predictor.folders[0]))
+    start = time.perf_counter()
+    rows = predict_rows(predictor, cases, echo=lambda line: None)
+    flips = predictor.members[0].tta
+    source = (f"{len(cases)} validation case(s) that none of its {len(predictor.folders)} model folder(s) trained on"
+              f"{', with test-time flips' if flips else ''}")
+    return calibrate_rows(rows, list(predictor.task.label_names.values()), source, flips, time.perf_counter() - start)
+
+
+def calibrate_run(name: str, model: Path | None, predictor: EnsemblePredictor, data: Path,
+                  held_out: Collection[str]) -> dict:
+    """`--calibrate` for one run: a model folder's own validation cases (a cross-validation folder: its
+    confidence.json), or the ensemble's common ones; for an ensemble without any, the reason instead."""
+    if model is not None and is_cv_folder(model):
+        if read_calibration(model) is None:  # read_calibration also checks the file
+            raise InputError(f"{model}: a cross-validation folder is calibrated on its out-of-fold predictions; run "
+                             f"`medseg calibrate {model}` first")
+        calibration = json.loads((model / "confidence.json").read_text())
+        refuse_held_out(calibration, held_out, name)
+        return calibration
+    try:
+        return calibrate_on_validation(predictor, data, held_out)
+    except InputError as error:
+        if model is not None or "held-out" in str(error):
+            raise
+        return {"not_calibrated": str(error)}
+
+
+def _use(calibration: dict) -> Calibration | None:
+    if "organs" not in calibration:
+        return None
+    return Calibration(calibration["organs"], calibration["source"], calibration["tta"])
+
+
 def measure(models: Sequence[Path], cases: Sequence[Case], device: str = "auto", tta: bool = False,
-            statistics_from: Path | None = None, echo=print) -> dict:
+            statistics_from: Path | None = None, echo=print, calibrate_from: Path | None = None) -> dict:
     """Predict and score `cases` with each model and (with two or more) their ensemble; see the module's notes.
 
     Args:
         statistics_from: a dataset to compute the QA flags' organ statistics from again (`recompute_statistics`);
             None: the model folders' own.
+        calibrate_from: the dataset of the models' validation cases, to choose the confidence thresholds from
+            first (`calibrate_run`); None: each model folder's confidence.json, where it has one.
     """
     check_unseen(models, cases)
+    held_out = {case.name for case in cases} | (set(split_cases(calibrate_from)[1]) if calibrate_from else set())
     runs = list(zip(short_names(models), models))
     if len(models) > 1:
         runs.append((ENSEMBLE, None))
-    rows, seconds, organs, known = [], {}, [], {}
+    rows, seconds, organs, known, calibrations = [], {}, [], {}, {}
     for name, model in runs:
         start = time.perf_counter()
         if model is None:
@@ -131,6 +193,10 @@ def measure(models: Sequence[Path], cases: Sequence[Case], device: str = "auto",
             predictor, checker = model_predictor(model, device, tta)
         if statistics_from is not None:
             checker.stats = recompute_statistics(predictor.folders, statistics_from, known)
+        if calibrate_from is not None:
+            echo(f"{name}: calibrating the confidence flag on its validation cases")
+            calibrations[name] = calibrate_run(name, model, predictor, calibrate_from, held_out)
+            checker.calibration = _use(calibrations[name])
         echo(f"{name}: predicting {len(cases)} held-out case(s) with {len(predictor.members)} model folder(s)")
         rows += organ_cases(predictor, checker, cases, name)
         seconds[name] = round(time.perf_counter() - start, 1)
@@ -141,7 +207,7 @@ def measure(models: Sequence[Path], cases: Sequence[Case], device: str = "auto",
     judged = ENSEMBLE if ENSEMBLE in names else names[0]
     return {"models": {name: str(model) for name, model in runs if model is not None}, "cases": len(cases),
             "case_names": [c.name for c in cases], "tta": tta, "statistics_recomputed": statistics_from is not None,
-            "dice": dice,
+            "calibration": calibrations or None, "dice": dice,
             "ensemble_minus_best_single": _gain(dice, names) if ENSEMBLE in names else None,
             "flags": flags, "goals": GOALS, "judged": judged,
             "met": {k: (flags[judged][k] is not None and flags[judged][k] >= goal) for k, goal in GOALS.items()},
@@ -184,8 +250,30 @@ def markdown(result: dict) -> str:
     judged = result["flags"][result["judged"]]
     lines += ["", f"**Spearman rho per organ** ({result['judged']})", "", "| organ | rho | n |", "|---|---|---|"]
     lines += [f"| {organ} | {_cell(s['rho'])} | {s['n']} |" for organ, s in judged["spearman_per_organ"].items()]
+    lines += calibration_lines(result.get("calibration"), organs)
     met = ", ".join(f"{k} {'met' if ok else 'not met'}" for k, ok in result["met"].items())
     return "\n".join(lines + ["", f"Goals ({result['judged']}): {met}.", ""])
+
+
+def calibration_lines(calibrations: dict | None, organs: Sequence[str]) -> list[str]:
+    """With --calibrate: each run's confidence threshold per organ, and the validation cases it came from."""
+    if not calibrations:
+        return []
+    names = list(calibrations)
+    lines = ["", "**Confidence thresholds** (chosen on validation cases; `-`: the default 0.8; cases in brackets)",
+             "", "| organ | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for organ in organs:
+        cells = []
+        for name in names:
+            entry = calibrations[name].get("organs", {}).get(organ)
+            cells.append("-" if not entry else f"{_cell(entry['threshold'], 3)} ({entry['cases']})")
+        lines.append(f"| {organ} | " + " | ".join(cells) + " |")
+    for name in names:
+        calibration = calibrations[name]
+        where = calibration.get("not_calibrated") or (f"{calibration['source']}: {', '.join(calibration['cases'])}"
+                                                      f" ({_cell(calibration.get('seconds'), 1)} s)")
+        lines.append(f"- {name}: {where}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the openkbp-hn dataset folder")
     parser.add_argument("--cases", type=int, default=None, help="only the first N held-out cases (a quick check)")
     parser.add_argument("--tta", action="store_true", help="test-time flips in every prediction")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="first choose each model's per-organ confidence thresholds on its own validation cases "
+                        "in --data (never a held-out case); default: each model folder's confidence.json, if any")
     parser.add_argument("--recompute-statistics", action="store_true",
                         help="the QA flags' organ statistics from each model's training cases in --data, computed "
                         "again (model folders from before the R-L and A-P offsets)")
@@ -208,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = measure(args.models, held_out_cases(args.data, args.cases), args.device, args.tta,
                          args.data if args.recompute_statistics else None,
-                         echo=lambda line: print(line, file=sys.stderr))
+                         echo=lambda line: print(line, file=sys.stderr),
+                         calibrate_from=args.data if args.calibrate else None)
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
     result = {"command": command, "data": str(args.data), **result, "total_seconds": round(time.perf_counter() - start, 1),

@@ -161,6 +161,9 @@ def train(
                                                 "on --resume."),
     freeze_encoder_epochs: int = typer.Option(0, "--freeze-encoder-epochs", min=0, help="With --init-weights: "
                                               "keep the encoder frozen for the first N epochs."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="At the end, predict the validation "
+                                   "cases and write confidence.json: per-organ thresholds for the confidence flag "
+                                   "(see `medseg calibrate`); inside --max-minutes."),
 ) -> None:
     """Train a 3D U-Net on a dataset (default: the bundled sample data, on the CPU).
 
@@ -175,7 +178,7 @@ def train(
     options = TrainOptions(task=task, data=data, out=out, epochs=epochs, max_minutes=max_minutes, device=device,
                            seed=seed, folds=folds, fold=0 if every_fold else _fold_number(fold, folds),
                            resume=resume, compile=compile, precision=precision,
-                           init_weights=init_weights, freeze_encoder_epochs=freeze_encoder_epochs)
+                           init_weights=init_weights, freeze_encoder_epochs=freeze_encoder_epochs, calibrate=calibrate)
     if every_fold:
         raise typer.Exit(_train_every_fold(options, nproc))
     if nproc > 1:
@@ -214,9 +217,9 @@ def train_arguments(options: TrainOptions) -> list[str]:
     for field in dataclasses.fields(options):
         value = getattr(options, field.name)
         flag = "--" + field.name.replace("_", "-")
-        if value is True:
-            arguments.append(flag)
-        elif value is not None and value is not False:
+        if isinstance(value, bool):  # a switch: given only where it differs from its default
+            arguments += [] if value == field.default else [flag if value else "--no-" + flag[2:]]
+        elif value is not None:
             arguments += [flag, str(value)]
     return arguments
 
@@ -276,6 +279,40 @@ def predict(
 
 
 @app.command()
+def calibrate(
+    model: Path = typer.Argument(..., help="Run folder, or cross-validation folder (`--fold all`)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset holding the validation cases; default: "
+                                        "the one the model was trained on (config.json)."),
+    tta: bool = typer.Option(False, "--tta", help="Predict with test-time flips (calibrate as you will predict)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+) -> None:
+    """Choose per-organ confidence thresholds for the QA flags on the model's validation cases.
+
+    Predicts the cases the model validated on and did not train on (a
+    cross-validation folder: its out-of-fold predictions, made where missing),
+    scores Dice on the organs each case contoured, and writes confidence.json
+    into the folder; `medseg predict` then flags an organ below its threshold.
+    `medseg train` does this at the end of a run.
+    """
+    _start_compute(precision)
+    from medseg.infer.calibration import calibrate_model, format_calibration
+    from medseg.infer.ensemble import is_cv_folder
+
+    if is_cv_folder(model):
+        from medseg.train.crossval import calibrate_folds
+
+        if tta:
+            raise InputError("--tta: a cross-validation folder is calibrated on its out-of-fold predictions, "
+                             "made without test-time flips")
+        result = calibrate_folds(model, device, precision, data, echo=_echo)
+    else:
+        result = calibrate_model(model, data, device, precision, tta or None, echo=_echo)
+    typer.echo("\n".join(format_calibration(result)))
+    typer.echo(f"wrote {model / 'confidence.json'}")
+
+
+@app.command()
 def evaluate(
     pred: Path = typer.Option(..., "--pred", "-p", help="Predicted mask file or folder."),
     ref: Path = typer.Option(..., "--ref", "-r", help="Reference mask file or folder, or a dataset folder "
@@ -287,8 +324,8 @@ def evaluate(
                                              "(a task with `instances`); default: instancesTs/ beside labelsTs/."),
 ) -> None:
     """Per-organ Dice, IoU, surface distances and volumes of predictions against references, and Dice and
-    areas slice by slice along the head-foot axis (slices.csv, a profile plot per case, the worst slices).
-    For a task with `instances` (cells: nucleus), also instance F1 at IoU > 0.5, PQ and AJI per case."""
+    areas slice by slice along the head-foot axis (slices.csv, a profile plot per case, the worst slices; not
+    for 2D images, which are one slice). For a task with `instances` (cells: nucleus), also instance F1 at IoU > 0.5, PQ and AJI per case."""
     from medseg.evaluate.instance_cases import format_instances
     from medseg.evaluate.report import format_table
     from medseg.evaluate.run import run_evaluation
@@ -299,7 +336,13 @@ def evaluate(
     if text := format_instances(summary):
         typer.echo(text)
     typer.echo(format_worst({o: s["worst_slices"] for o, s in summary.items() if "worst_slices" in s}))
-    typer.echo(f"wrote metrics.csv, summary.json, dice_boxplot.png, slices.csv and profiles/ to {out}")
+    flat = (summary.get("all") or {}).get("slices") or {}  # 2D images: no slice report (medseg.evaluate.slices)
+    if flat:
+        typer.echo(f"no slice report for {len(flat['skipped_cases'])} 2D image(s): one slice each")
+    files = "metrics.csv, summary.json, dice_boxplot.png, slices.csv and profiles/"
+    if flat and not flat["slice_report_written"]:
+        files = "metrics.csv, summary.json and dice_boxplot.png"
+    typer.echo(f"wrote {files} to {out}")
 
 
 @app.command()

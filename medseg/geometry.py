@@ -189,7 +189,8 @@ def mask_centre(organ: np.ndarray, box: Sequence[slice] | None = None) -> np.nda
 
 
 PIECE_SHARE = 0.1  # a piece of an organ counts when it holds at least this share of the largest piece's voxels
-PIECE_MIN_ML = 0.1  # ... and at least this volume: a few stray voxels are noise, not a second piece
+PIECE_TYPICAL_SHARE = 0.01  # ... and this share of the organ's typical size: a few stray voxels are noise, not a
+# second piece. Relative, so that it means the same for a 300 mL bladder, a 0.05 mL cochlea and an 80 um2 nucleus.
 
 
 def piece_sizes(mask: np.ndarray) -> np.ndarray:
@@ -200,12 +201,14 @@ def piece_sizes(mask: np.ndarray) -> np.ndarray:
     return np.sort(np.bincount(pieces.ravel(order="K"))[1:])[::-1]
 
 
-def significant_pieces(sizes: Sequence[int], voxel_ml: float) -> int:
-    """How many pieces (`piece_sizes`) count as pieces of their own: PIECE_SHARE of the largest and PIECE_MIN_ML.
+def significant_pieces(sizes: Sequence[float], typical: float | None = None) -> int:
+    """How many pieces (`piece_sizes`, largest first) count as pieces of their own: PIECE_SHARE of the largest,
+    and PIECE_TYPICAL_SHARE of `typical`, the organ's usual size (training's median) in the unit of `sizes`;
+    None (not known): the share of the largest alone.
 
     Training labels (the fingerprint) and predictions (the QA flags) are counted the same way.
     """
     if len(sizes) == 0:
         return 0
-    least = max(PIECE_SHARE * float(sizes[0]), PIECE_MIN_ML / voxel_ml)
+    least = max(PIECE_SHARE * float(sizes[0]), PIECE_TYPICAL_SHARE * (typical or 0.0))
     return int(sum(1 for size in sizes if size >= least)) or 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,24 @@ def blob_case(grid: Grid, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         image[inside] = hu + rng.normal(0, 10, inside.sum())
         labels[inside] = label
     return image.reshape(grid.shape).astype(np.int16), labels.reshape(grid.shape)
+
+def partial_blob_dataset(root: Path, orientations: list[str], first_seed: int) -> Path:
+    """An MSD-style dataset of blob cases `hn_<i>`; hn_1 did not contour the rectum (and has none drawn),
+    as a partially labelled head-and-neck set lists `contoured` organs."""
+    entries = []
+    for i, orientation in enumerate(orientations):
+        grid = make_grid(orientation, shape=(44, 40, 20), spacing=(1.5, 1.5, 3.0))
+        image, labels = blob_case(grid, seed=first_seed + i)
+        entry = {"image": f"./imagesTr/hn_{i}.nii.gz", "label": f"./labelsTr/hn_{i}.nii.gz"}
+        if i == 1:
+            labels[labels == 3] = 0
+            entry["contoured"] = ["prostate", "bladder", "femoral_head_left", "femoral_head_right"]
+        write_image(image, grid, root / "imagesTr" / f"hn_{i}.nii.gz")
+        write_label_map(labels, grid, root / "labelsTr" / f"hn_{i}.nii.gz")
+        entries.append(entry)
+    (root / "dataset.json").write_text(json.dumps({"name": "hn", "labels": {"0": "background"}, "training": entries}))
+    return root
+
 
 
 @pytest.fixture
@@ -209,6 +228,7 @@ def write_dicom_series(volume: np.ndarray, grid: Grid, folder: Path, seed: int =
     folder.mkdir()
     image = grid.apply_to(sitk.GetImageFromArray(volume.transpose(2, 1, 0)))
     d = grid.direction
+    saved = locale.setlocale(locale.LC_ALL)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     names = np.random.default_rng(seed).permutation(volume.shape[2])
@@ -228,6 +248,7 @@ def write_dicom_series(volume: np.ndarray, grid: Grid, folder: Path, seed: int =
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"IM{names[k]:04d}.dcm"))
         writer.Execute(slice_)
+    locale.setlocale(locale.LC_ALL, saved)  # GDCM's writer leaves the C locale set (ASCII text files after it)
     return names
 
 
@@ -252,3 +273,43 @@ class BrightIsBladder(torch.nn.Module):
         logits = torch.zeros(x.shape[0], 6, *x.shape[2:])
         logits[:, 2] = x[:, 0] - 20.0
         return logits
+
+
+NUCLEI_TASK = """\
+name: nuclei
+dimensions: 2
+modality: MR
+channels: [grey]
+labels: {1: nucleus}
+spacing: [0.0005, 0.0005]
+patch_size: [32, 32]
+intensity: {normalize: image}
+network: {name: unet, filters: [4, 8]}
+"""
+
+
+def disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
+    """A boolean (X, Y) disc."""
+    x, y = np.mgrid[:shape[0], :shape[1]]
+    return (x - centre[0]) ** 2 + (y - centre[1]) ** 2 <= radius ** 2
+
+
+@pytest.fixture
+def nuclei(tmp_path) -> tuple[Path, Path]:
+    """Microscopy at 0.5 um pixels (0.0005 mm): an MSD dataset of three 64 x 64 2D NIfTI fields, one nucleus
+    each (discs of radius 8, 9 and 10 pixels: 49 to 79 um2, 5e-5 to 8e-5 mm2), and its 2D task file."""
+    root = tmp_path / "nuclei"
+    entries = []
+    for i, radius in enumerate((8, 9, 10)):
+        labels = disc((64, 64), (30, 34), radius).astype(np.uint8)
+        for folder, array in (("imagesTr", 40.0 + 150.0 * labels), ("labelsTr", labels)):
+            image = sitk.GetImageFromArray(array.T)  # (X, Y) -> SimpleITK's (Y, X) array order
+            image.SetSpacing((0.0005, 0.0005))
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(image, str(root / folder / f"n{i}.nii.gz"))
+        entries.append({"image": f"./imagesTr/n{i}.nii.gz", "label": f"./labelsTr/n{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"name": "nuclei", "labels": {"0": "background", "1": "nucleus"},
+                                                   "training": entries}))
+    task = tmp_path / "nuclei.yaml"
+    task.write_text(NUCLEI_TASK)
+    return root, task

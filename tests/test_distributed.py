@@ -50,6 +50,7 @@ def test_nproc_passes_every_option_to_torchrun():
     assert train_arguments(options) == ["train", "--task", "tiny.yaml", "--out", "runs/x", "--max-minutes", "0.0",
                                         "--device", "auto", "--seed", "0", "--folds", "5", "--fold", "0", "--resume",
                                         "--precision", "auto", "--freeze-encoder-epochs", "0"]
+    assert train_arguments(TrainOptions(task="t", calibrate=False))[-1] == "--no-calibrate"  # on by default
 
 
 def test_nproc_under_torchrun_is_an_error(monkeypatch, capsys):

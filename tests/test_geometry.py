@@ -111,9 +111,11 @@ def test_pieces_centres_and_which_pieces_count():
     mask[10:12, 1:3, 1:3] = True  # 8 voxels: 12.5 % of the largest
     mask[15, 8, 8] = True  # 1 voxel
     assert piece_sizes(mask).tolist() == [64, 8, 1]
-    assert significant_pieces([64, 8, 1], voxel_ml=0.01) == 1  # 8 voxels are 0.08 mL: under 0.1 mL
-    assert significant_pieces([64, 8, 1], voxel_ml=0.1) == 2
-    assert significant_pieces([64, 5, 1], voxel_ml=0.1) == 1  # 5 < 10 % of 64
-    assert significant_pieces([], voxel_ml=0.1) == 0
+    assert significant_pieces([64, 8, 1]) == 2  # no typical size known: 10 % of the largest alone
+    assert significant_pieces([64, 8, 1], typical=1000) == 1  # 8 < 1 % of the organ's usual 1000
+    assert significant_pieces([64, 8, 1], typical=800) == 2
+    assert significant_pieces([64, 5, 1], typical=100) == 1  # 5 < 10 % of 64
+    assert significant_pieces([6.4e-5, 8e-6], typical=1e-4) == 2  # any unit: mm² of nuclei (64 and 8 um²)
+    assert significant_pieces([]) == 0
     np.testing.assert_allclose(mask_centre(mask[1:5, 1:5, 1:5], (slice(1, 5),) * 3), [2.5, 2.5, 2.5])
     assert mask_centre(np.zeros((3, 3, 3), bool)) is None

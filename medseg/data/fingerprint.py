@@ -46,10 +46,14 @@ def _ras_axes(grid: Grid) -> list[int]:
 
 
 def _organ_stats(label: np.ndarray, grid: Grid, task: Task, contoured: tuple[str, ...] | None) -> dict[str, dict | None]:
-    """Per organ of one case: volume (mL), significant pieces (`medseg.geometry.significant_pieces`) and
-    position (world LPS centre, and the S coordinate of its lowest and highest voxel, mm); None for an
-    organ the case did not contour. The QA flags of predictions compare against these."""
-    from medseg.geometry import label_boxes, piece_sizes, significant_pieces
+    """Per organ of one case: volume (mL), size (`medseg.units.voxel_size`: mL, or mm² for a 2D image), the
+    sizes of its pieces that may count (`medseg.geometry.significant_pieces`; counted once training's
+    typical size is known) and position (world LPS centre, and the S coordinate of its lowest and highest
+    voxel, mm); None for an organ the case did not contour. The QA flags of predictions compare against these."""
+    from medseg.geometry import PIECE_SHARE, label_boxes, piece_sizes
+    from medseg.units import voxel_size
+
+    per_voxel, unit = voxel_size(grid)
 
     boxes = label_boxes(label, max_label=max(task.label_names))
     found: dict[str, dict | None] = {}
@@ -62,8 +66,10 @@ def _organ_stats(label: np.ndarray, grid: Grid, task: Task, contoured: tuple[str
         else:
             organ = label[box] == lab.id
             centre, z_low, z_high = world_position(organ, box, grid)
+            pieces = piece_sizes(organ)
             found[lab.name] = {"volume_ml": int(organ.sum()) * grid.voxel_volume_ml, "centre": centre, "z_low": z_low,
-                               "z_high": z_high, "pieces": significant_pieces(piece_sizes(organ), grid.voxel_volume_ml)}
+                               "z_high": z_high, "size": int(organ.sum()) * per_voxel, "unit": unit,
+                               "piece_sizes": (pieces[pieces >= PIECE_SHARE * pieces[0]] * per_voxel).tolist()}
     return found
 
 
@@ -133,32 +139,44 @@ def _summarise(stats: list[_CaseStats], task: Task) -> dict:
     }
 
 
+SIGNIFICANT = 6  # digits kept of the fingerprint's organ sizes and distances
+
+
+def _significant(values) -> list[float]:
+    """Values rounded to SIGNIFICANT digits: short in the JSON, and nothing lost at any scale."""
+    return [float(f"{float(v):.{SIGNIFICANT}g}") for v in values]
+
+
 def _organ_summary(organ: str, stats: list[_CaseStats]) -> dict:
     """What training saw of one organ, for the QA flags of predictions (`medseg.infer.qa`).
 
     `cases` contoured it, `present` had voxels of it; over those: `volume_ml` percentiles (min, p01, p50,
-    p99, max), `one_piece` (share with a single significant piece), `offset_rl_mm`, `offset_ap_mm`,
-    `offset_si_mm` (median distance of its centre from the volume-weighted centre of the case's other
-    organs along world LPS x, y, z: + is the patient's left, posterior, superior) and `height_si_mm`
-    (median head-foot extent).
+    p99, max; a 2D task's `area_mm2` instead), `one_piece` (share with a single significant piece, judged
+    against the median size), `offset_rl_mm`, `offset_ap_mm`, `offset_si_mm` (median distance of its centre
+    from the volume-weighted centre of the case's other organs along world LPS x, y, z: + is the patient's
+    left, posterior, superior) and `height_si_mm` (median head-foot extent). Sizes and distances keep
+    SIGNIFICANT digits, not decimals: a nucleus (80 µm² = 0.00008 mm²) is not stored as 0.
     """
+    from medseg.geometry import significant_pieces
+    from medseg.units import SIZE_KEYS
+
     drawn = [s.organs[organ] for s in stats if s.organs.get(organ) is not None]
     present = [(s.organs, o) for s in stats if (o := s.organs.get(organ)) and o["volume_ml"] > 0]
     summary: dict = {"cases": len(drawn), "present": len(present)}
     if not present:
         return summary
-    volumes = np.percentile([o["volume_ml"] for _, o in present], [0, 1, 50, 99, 100])
+    sizes = np.percentile([o["size"] for _, o in present], [0, 1, 50, 99, 100])
     offsets = []
     for organs, o in present:
         others = [v for name, v in organs.items() if name != organ and v and v["volume_ml"] > 0]
         if others:
             centres, weights = np.array([v["centre"] for v in others]), [v["volume_ml"] for v in others]
             offsets.append(o["centre"] - np.average(centres, axis=0, weights=weights))
-    middle = np.median(offsets, axis=0).round(2).tolist() if offsets else [None] * 3
-    summary.update(volume_ml=dict(zip(("min", "p01", "p50", "p99", "max"), np.round(volumes, 4).tolist())),
-                   one_piece=float(np.mean([o["pieces"] == 1 for _, o in present])),
+    middle = _significant(np.median(offsets, axis=0)) if offsets else [None] * 3
+    summary[SIZE_KEYS[present[0][1]["unit"]]] = dict(zip(("min", "p01", "p50", "p99", "max"), _significant(sizes)))
+    summary.update(one_piece=float(np.mean([significant_pieces(o["piece_sizes"], sizes[2]) == 1 for _, o in present])),
                    **dict(zip(("offset_rl_mm", "offset_ap_mm", "offset_si_mm"), middle)),
-                   height_si_mm=round(float(np.median([o["z_high"] - o["z_low"] for _, o in present])), 2))
+                   height_si_mm=_significant([np.median([o["z_high"] - o["z_low"] for _, o in present])])[0])
     return summary
 
 

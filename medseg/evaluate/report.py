@@ -88,9 +88,12 @@ def write_dice_boxplot(rows: Sequence[Row], path: str | Path) -> Path | None:
 
 
 def add_details(summary: dict, tolerances: Mapping[str, tuple[float, str]] | None = None,
-                worst: Mapping[str, Mapping] | None = None) -> dict:
+                worst: Mapping[str, Mapping] | None = None, notes: Mapping[str, object] | None = None) -> dict:
     """The summary with each organ's surface Dice tolerance and its source (under `surface_dice`:
-    `tolerance_mm`, `tolerance_source`) and its worst slices per case (`worst_slices`)."""
+    `tolerance_mm`, `tolerance_source`), its worst slices per case (`worst_slices`), and `notes` on the
+    whole evaluation under CASE_ORGAN (e.g. `slices`: the cases without a slice report)."""
+    if notes:
+        summary.setdefault(CASE_ORGAN, {}).update(notes)
     for organ, (mm, source) in (tolerances or {}).items():
         if "surface_dice" in summary.get(organ, {}):
             summary[organ]["surface_dice"].update(tolerance_mm=mm, tolerance_source=source)
@@ -101,37 +104,57 @@ def add_details(summary: dict, tolerances: Mapping[str, tuple[float, str]] | Non
 
 
 def write_report(rows: Sequence[Row], out: str | Path, tolerances: Mapping[str, tuple[float, str]] | None = None,
-                 worst: Mapping[str, Mapping] | None = None) -> dict[str, dict[str, dict]]:
+                 worst: Mapping[str, Mapping] | None = None,
+                 notes: Mapping[str, object] | None = None) -> dict[str, dict[str, dict]]:
     """Write metrics.csv (long form), summary.json and dice_boxplot.png into `out`; return the summary.
 
-    `tolerances` (organ -> (mm, source), `cases.surface_tolerances`) and `worst` (`slices.worst_slices`)
-    go into the summary as `add_details` puts them.
+    `tolerances` (organ -> (mm, source), `cases.surface_tolerances`), `worst` (`slices.worst_slices`) and
+    `notes` go into the summary as `add_details` puts them.
     """
     out = Path(out)
-    summary = add_details(summarize(rows), tolerances, worst)
+    summary = add_details(summarize(rows), tolerances, worst, notes)
     write_text(rows_to_csv(rows), out / "metrics.csv")
     write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
     write_dice_boxplot(rows, out / "dice_boxplot.png")
     return summary
 
 
+def _distance_units(summary: Mapping[str, Mapping[str, Mapping]], organs: Sequence[str]) -> dict[str, tuple]:
+    """(factor, unit) of each distance column (HD95, ASSD, the surface Dice tolerance): mm, or µm where the
+    column's largest finite value is under 0.1 mm (microscopy; `medseg.units`)."""
+    from medseg.units import display_unit
+
+    values = {"hd95_mm": [summary[o].get("hd95_mm", {}).get("mean") for o in organs],
+              "assd_mm": [summary[o].get("assd_mm", {}).get("mean") for o in organs],
+              "tolerance_mm": [summary[o].get("surface_dice", {}).get("tolerance_mm") for o in organs]}
+    largest = {key: max((abs(v) for v in found if v is not None and math.isfinite(v)), default=0.0)
+               for key, found in values.items()}
+    return {key: display_unit(value, "mm") for key, value in largest.items()}
+
+
 def format_table(summary: Mapping[str, Mapping[str, Mapping]]) -> str:
-    """Plain-text table, organ x mean Dice / HD95 / ASSD / surface Dice (and its tolerance), for the terminal."""
-    columns = (("Dice", "dice", "{:.3f}"), ("HD95 mm", "hd95_mm", "{:.2f}"), ("ASSD mm", "assd_mm", "{:.2f}"),
+    """Plain-text table, organ x mean Dice / HD95 / ASSD / surface Dice (and its tolerance), for the terminal.
+
+    Distances are shown in mm, or in µm where a column's largest is under 0.1 mm (microscopy: `medseg.units`).
+    """
+    columns = (("Dice", "dice", "{:.3f}"), ("HD95", "hd95_mm", "{:.2f}"), ("ASSD", "assd_mm", "{:.2f}"),
                ("SurfDice", "surface_dice", "{:.3f}"))
     organs = [o for o in summary if o != CASE_ORGAN]
-    header = ["organ", *(c[0] for c in columns), "tol mm", "n", "empty", "inf"]
+    scale = _distance_units(summary, organs)  # metric -> (factor, unit); "tolerance_mm": the tolerance column's
+    header = ["organ", *(f"{title} {scale[m][1]}" if m in scale else title for title, m, _ in columns),
+              f"tol {scale['tolerance_mm'][1]}", "n", "empty", "inf"]
     fallback = False
     lines = []
     for organ in organs:
         cells = [organ]
         for _, metric, fmt in columns:
             mean = summary[organ].get(metric, {}).get("mean")
-            cells.append("-" if mean is None else fmt.format(mean))
+            cells.append("-" if mean is None else fmt.format(mean * scale.get(metric, (1.0,))[0]))
         surface = summary[organ].get("surface_dice", {})
         marked = surface.get("tolerance_source", "").startswith("fallback")
         fallback |= marked
-        cells.append("-" if "tolerance_mm" not in surface else f"{surface['tolerance_mm']:.2f}" + "*" * marked)
+        tolerance = surface.get("tolerance_mm")
+        cells.append("-" if tolerance is None else f"{tolerance * scale['tolerance_mm'][0]:.2f}" + "*" * marked)
         dice = summary[organ].get("dice", {})
         cells += [str(dice.get("n", 0)), str(dice.get("n_empty", 0)),
                   str(max(summary[organ].get(m, {}).get("n_inf", 0) for m in ("hd95_mm", "assd_mm")))]

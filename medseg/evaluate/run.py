@@ -3,13 +3,14 @@
 References are a mask file, a folder of masks, or a dataset folder. With a dataset, an organ a case did
 not contour (its `contoured` list, partial labels) is skipped for that case: no rows, not counted in
 any mean. Besides the volume metrics, every pair is measured slice by slice (`medseg.evaluate.slices`):
-slices.csv, a profile plot per case and the worst slices in summary.json.
+slices.csv, a profile plot per case and the worst slices in summary.json; 2D images (one slice) have
+none, and summary.json says so (`all` -> `slices`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from medseg.evaluate.matching import Pair, is_dataset_folder, match_cases, match
 from medseg.evaluate.profile import write_profiles
 from medseg.evaluate.report import Row, write_report
 from medseg.io import Grid
+from medseg.planar import is_planar
 
 
 def _stderr(message: str) -> None:
@@ -96,8 +98,11 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str
         raise InputError("--instances needs --task naming a task with `instances` (the classes to score)")
     pairs, organs, not_contoured = _pairs(pred, ref, organs, warn)
     slice_rows: list[slices.SliceRow] = []
+    flat: list[str] = []  # 2D images: no slice report
 
     def measure_slices(case, ref_map, pred_map, grid) -> None:
+        if is_planar(grid.shape):
+            flat.append(case)
         slice_rows.extend(slices.slice_rows(ref_map, pred_map, grid, organs, not_contoured.get(case, ()), case))
 
     given = tolerance_mm if tolerance_mm is not None else from_task
@@ -109,7 +114,8 @@ def run_evaluation(pred: str | Path, ref: str | Path, out: str | Path, task: str
         found, pooled = instance_rows(pairs, loaded, None if instances is None else Path(instances), not_contoured, warn)
         rows += found
     names = dict.fromkeys(r["organ"] for r in rows if r["organ"] != CASE_ORGAN)
-    summary = _write(rows, slice_rows, out, surface_tolerances(names, from_task, tolerance_mm), colors)[0]
+    summary = _write(rows, slice_rows, out, surface_tolerances(names, from_task, tolerance_mm), colors, flat,
+                     len(flat) == len(pairs))[0]
     return _add_pooled(summary, pooled, out) if pooled else summary
 
 
@@ -126,11 +132,17 @@ def _add_pooled(summary: dict, pooled: dict[str, dict], out: str | Path) -> dict
     return summary
 
 
-def _write(rows: list[Row], slice_rows: list[slices.SliceRow], out: str | Path,
-           tolerances: dict[str, tuple[float, str]], colors: dict) -> tuple[dict, list[Path]]:
-    """The report files in `out`; returns the summary and the slice report's files (CSV, profile PNGs)."""
+def _write(rows: list[Row], slice_rows: list[slices.SliceRow], out: str | Path, tolerances: dict[str, tuple[float, str]],
+           colors: dict, flat: Sequence[str] = (), only_flat: bool = False) -> tuple[dict, list[Path]]:
+    """The report files in `out`; returns the summary and the slice report's files (CSV, profile PNGs).
+
+    `flat`: the 2D cases (no slice rows), named in the summary; `only_flat`: every case is 2D, so there is no
+    slice report to write at all.
+    """
     worst = slices.worst_slices(slice_rows)
-    summary = write_report(rows, out, tolerances, worst)
+    summary = write_report(rows, out, tolerances, worst, slices.skipped_note(flat, not only_flat) if flat else None)
+    if only_flat:
+        return summary, []
     return summary, [slices.write_slices_csv(slice_rows, out), *write_profiles(slice_rows, out, colors, worst)]
 
 
@@ -139,14 +151,17 @@ def report_case(ref: np.ndarray, pred: np.ndarray, grid: Grid, organs: dict[int,
     """One case scored against its reference and reported into `out`, as `medseg predict --reference` does.
 
     Writes what `medseg evaluate` writes for one case (metrics.csv, summary.json, dice_boxplot.png,
-    slices.csv, profiles/<case>.png), with the task's surface Dice tolerances and colours.
+    slices.csv, profiles/<case>.png; a 2D image has no slice report), with the task's surface Dice
+    tolerances and colours.
 
     Returns:
-        (metric rows, summary, [slices.csv, profile PNG]).
+        (metric rows, summary, [slices.csv, profile PNG], or [] for a 2D image).
     """
     from_task = task_tolerances(task.labels)
     rows = evaluate_case(ref, pred, grid.spacing, organs, from_task, case=case)
     slice_rows = slices.slice_rows(ref, pred, grid, organs, case=case)
     tolerances = surface_tolerances(organs.values(), from_task)
-    summary, files = _write(rows, slice_rows, out, tolerances, {label.name: label.color for label in task.labels})
+    flat = [case] if is_planar(grid.shape) else []
+    summary, files = _write(rows, slice_rows, out, tolerances, {label.name: label.color for label in task.labels},
+                            flat, bool(flat))
     return rows, summary, files

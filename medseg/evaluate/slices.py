@@ -18,6 +18,10 @@ confusion counts per slice first (`slice_counts`, vectorised with numpy), then
 
 `worst_slices` names, per case and organ, the `WORST_COUNT` slices with the lowest Dice (ties: the
 larger disagreeing area first) and every slice where only one mask holds the organ.
+
+A 2D image (one slice, `medseg.planar`) gets no rows: its one "slice" is the whole image, whose Dice and
+area the volume metrics already give, and a profile of one point shows nothing. `medseg evaluate` then
+writes no slices.csv or profile plots when every case is 2D, and says so in summary.json (`skipped_note`).
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ import numpy as np
 from medseg.evaluate import metrics
 from medseg.geometry import axis_order, organ_boxes
 from medseg.io import Grid, write_text
+from medseg.planar import is_planar
 
 SLICES_CSV = "slices.csv"
 COLUMNS = ("case", "organ", "k", "z_mm", "ref_area_mm2", "pred_area_mm2", "dice")
 WORST_COUNT = 3  # lowest-Dice slices named per case and organ
+PLANAR_REASON = "2D images (one slice each): no slices along a head-foot axis, so no slices.csv rows or profile plots"
 
 SliceRow = dict  # {"case": str, "organ": str, "k": int, "z_mm": float, "ref_area_mm2", "pred_area_mm2", "dice"}
 
@@ -74,12 +80,14 @@ def slice_rows(ref: np.ndarray, pred: np.ndarray, grid: Grid, organs: Mapping[in
         case: the case name written in every row.
 
     Returns:
-        Rows in label order, each organ's from inferior to superior.
+        Rows in label order, each organ's from inferior to superior; none for a 2D image (one slice).
     """
     ref, pred = np.asarray(ref), np.asarray(pred)
     if ref.shape != pred.shape or ref.shape != tuple(grid.shape):
         raise ValueError(f"reference {ref.shape}, prediction {pred.shape} and grid {tuple(grid.shape)} must "
                          "have one shape")
+    if is_planar(grid.shape):
+        return []
     axis = head_foot_axis(grid.direction)
     pixel_mm2 = float(np.prod([s for a, s in enumerate(grid.spacing) if a != axis]))
     z = slice_z(grid, axis)
@@ -99,6 +107,12 @@ def slice_rows(ref: np.ndarray, pred: np.ndarray, grid: Grid, organs: Mapping[in
                          "pred_area_mm2": float(tp[i] + fp[i]) * pixel_mm2,
                          "dice": metrics.dice(int(tp[i]), int(fp[i]), int(fn[i]))})
     return rows
+
+
+def skipped_note(cases: Sequence[str], written: bool) -> dict:
+    """For summary.json (under "all"): the cases without a slice report, why, and whether slices.csv and the
+    profiles were written at all (for the other cases of a mixed evaluation)."""
+    return {"slices": {"skipped_cases": list(cases), "reason": PLANAR_REASON, "slice_report_written": written}}
 
 
 def rows_to_csv(rows: Sequence[SliceRow]) -> str:

@@ -23,6 +23,7 @@ from medseg.dicom.export import DicomOutputs, check_dicom_inputs, write_dicom_ou
 from medseg.dicom.series import series_files
 from medseg.distributed import World
 from medseg.errors import InputError
+from medseg.infer.calibration import read_calibration
 from medseg.infer.ensemble import make_predictor, model_folders, postprocessing_of
 from medseg.infer.predictor import Predictor, Segmentation
 from medseg.infer.qa import Checker
@@ -216,11 +217,12 @@ def _print_case(row: dict, log) -> None:
     import sys
 
     from medseg.infer.qa import format_flags
+    from medseg.units import readable
 
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in row["seconds"].items())
     confidence = row.get("confidence") or {}
     sizes, unit = (row["areas_mm2"], "mm²") if "areas_mm2" in row else (row["volumes_ml"], "mL")
-    volumes = ", ".join(f"{k} {v:.1f} {unit}" + (f" (confidence {confidence[k]:.2f})" if confidence.get(k) else "")
+    volumes = ", ".join(f"{k} {readable(v, unit)}" + (f" (confidence {confidence[k]:.2f})" if confidence.get(k) else "")
                         for k, v in sizes.items())
     print(f"{row['case']}: {volumes} ({timing})", file=sys.stderr)
     if row.get("instances"):
@@ -300,7 +302,7 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
         print(f"{model.name}: {describe_backend(predictor)}", file=sys.stderr)
     task = predictor.task
     check = Checker(model_folders(model), task, postprocessing_of(predictor)["largest_component"],
-                    with_confidence=not isinstance(predictor, Predictor))
+                    with_confidence=not isinstance(predictor, Predictor), calibration=read_calibration(model))
     refs = match_references(references)
     out = Path(out)
     rows, failures = [], []  # (scan index, row) and (scan index, input, message)

@@ -34,10 +34,10 @@ from medseg.data.preprocess import normalize_, to_model_grid
 from medseg.errors import InputError
 from medseg.infer.predictor import Predictor, Segmentation, load_model
 from medseg.infer.resample import to_scan
-from medseg.infer.tta import FLIPS, flipped_logits, softmax_
+from medseg.infer.tta import flipped_logits, flips_for, softmax_
 from medseg.infer.uncertainty import Accumulator, organ_confidence, to_scan_grid
 from medseg.io import Grid, read_image
-from medseg.model.folder import CONFIG_NAME
+from medseg.model.folder import CONFIG_NAME, read_folder_json
 
 POSTPROCESSING_NAME = "postprocessing.json"  # in a cross-validation folder: organs kept to their largest piece
 CROSSVAL_NAME = "crossval.json"  # in a cross-validation folder from `--fold all`: its number of folds, seed, task
@@ -84,10 +84,7 @@ def read_postprocessing(folder: str | Path) -> tuple[tuple[str, ...], str] | Non
     path = Path(folder) / POSTPROCESSING_NAME
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as error:
-        raise InputError(f"{path}: not valid JSON ({error})") from None
+    raw = read_folder_json(path)
     organs = raw.get("largest_component") if isinstance(raw, dict) else None
     if not isinstance(organs, list) or not all(isinstance(o, str) for o in organs):
         raise InputError(f"{path}: 'largest_component' must be a list of organ names")
@@ -157,7 +154,7 @@ class EnsemblePredictor:
             volume = normalize_(hu if last else hu.clone(), bundle.preprocessing)
             window = {"roi": bundle.plan.patch_size, "overlap": member.overlap, "sw_batch_size": settings.sw_batch_size,
                       "blending": settings.blending, "device": bundle.device, "precision": bundle.precision}
-            for axes in FLIPS if member.tta else FLIPS[:1]:
+            for axes in flips_for(volume.shape[1:], member.tta):
                 logits = flipped_logits(bundle.network, volume, member.task.mirrored_order(), [axes], **window)
                 accumulator.add(softmax_(logits))
             del volume

@@ -22,7 +22,7 @@ from medseg.errors import InputError
 from medseg.geometry import body_box
 from medseg.infer.backends import backend_network
 from medseg.infer.resample import to_scan
-from medseg.infer.tta import FLIPS, flipped_logits, flipped_probabilities
+from medseg.infer.tta import flipped_logits, flipped_probabilities, flips_for
 from medseg.infer.uncertainty import CONFIDENCE_SCORE
 from medseg.io import Grid, read_image
 from medseg.planar import is_planar
@@ -108,7 +108,7 @@ class Segmentation:
         counts = voxel_counts(inside, minlength=max(self.organs) + 1)
         volumes = {name: {"volume_ml": float(counts[i] * self.grid.voxel_volume_ml), "voxels": int(counts[i])}
                    for i, name in self.organs.items()}
-        if is_planar(self.grid.shape):  # a 2D image: its areas (volume_ml stays, as 1 mm thick, for QA)
+        if is_planar(self.grid.shape):  # a 2D image: its areas (volume_ml stays, as if 1 mm thick)
             pixel_mm2 = self.grid.spacing[0] * self.grid.spacing[1]
             for entry in volumes.values():
                 entry["area_mm2"] = entry["voxels"] * pixel_mm2
@@ -139,13 +139,13 @@ class Predictor:
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """(C, X, Y, Z) preprocessed -> (K, X, Y, Z) logits (with test-time flips: their mean)."""
-        flips = FLIPS if self.tta else FLIPS[:1]
+        flips = flips_for(image.shape[1:], self.tta)
         return flipped_logits(self.bundle.network, image, self.task.mirrored_order(), flips, **self._window())
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """(C, X, Y, Z) preprocessed -> (K, X, Y, Z) class probabilities (with test-time flips: the mean of
         each flip's softmax, as an ensemble averages its members)."""
-        flips = FLIPS if self.tta else FLIPS[:1]
+        flips = flips_for(image.shape[1:], self.tta)
         return flipped_probabilities(self.bundle.network, image, self.task.mirrored_order(), flips, **self._window())
 
     def predict(self, image: str | Path | Sequence[str | Path] | tuple[np.ndarray, Grid],

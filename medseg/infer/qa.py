@@ -3,12 +3,13 @@
 The checks compare a prediction with what the model's training set held (the fingerprint's
 `organ_statistics`, kept in every model folder's config.json; `medseg.data.fingerprint`):
 
-- **volume**: the organ's volume is outside the training range widened by VOLUME_MARGIN (below
-  min / (1 + margin) or above max × (1 + margin); the 1st-99th percentiles are quoted).
+- **volume**: the organ's volume (a 2D image's: its area, `medseg.units.voxel_size`) is outside the
+  training range widened by VOLUME_MARGIN (below min / (1 + margin) or above max × (1 + margin); the
+  1st-99th percentiles are quoted, in the unit that reads: mL or mm³, mm² or µm²).
 - **pieces**: several significant pieces (`medseg.geometry.significant_pieces`: each at least 10 % of
-  the largest and 0.1 mL) of an organ that was one piece in at least ONE_PIECE of the training cases
-  (or, without statistics, one the task keeps to its largest piece). Counted before the
-  largest-component step, which then keeps only the largest.
+  the largest and 1 % of the organ's median size in training) of an organ that was one piece in at least
+  ONE_PIECE of the training cases (or, without statistics, one the task keeps to its largest piece).
+  Counted before the largest-component step, which then keeps only the largest.
 - **side**: of a left/right pair (the task's `pairs`), the left organ's centre lies on the patient's
   right of the right organ's (world LPS x grows towards the patient's left), or, with its partner
   missing, more than SIDE_MARGIN_MM on the wrong side of the centre of the unpaired organs found.
@@ -21,8 +22,9 @@ The checks compare a prediction with what the model's training set held (the fin
   check S-I alone. With no organ found at all, every expected organ is flagged (the scan may not show
   this body region).
 - **confidence**: the organ's confidence (`medseg.infer.uncertainty`: mean probability where it wins)
-  is below LOW_CONFIDENCE. Only where confidence is computed: with a cross-validation folder or
-  `--uncertainty`.
+  is below the organ's threshold, chosen on the model's validation cases (`medseg.infer.calibration`,
+  the folder's confidence.json), or LOW_CONFIDENCE for an organ or model without one; the reason says
+  which applied. Only where confidence is computed: with a cross-validation folder or `--uncertainty`.
 
 A model folder from before these statistics existed skips the volume, missing and piece-frequency
 parts (`skipped` says so). Severity orders the flags (and the cases) worst first: side 3, missing
@@ -34,17 +36,22 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medseg.config import Task
 from medseg.geometry import label_boxes, mask_centre, piece_sizes, significant_pieces
 from medseg.io import Grid
+from medseg.units import SIZE_KEYS, display_unit, number, voxel_size
+
+if TYPE_CHECKING:
+    from medseg.infer.calibration import Calibration
 
 VOLUME_MARGIN = 0.25  # volumes within [min / 1.25, max x 1.25] of training pass
 ONE_PIECE = 0.9  # an organ is expected in one piece when training had it so in 90 % of cases
 EXPECTED_PRESENCE = 0.9  # an organ is expected when training cases held it in 90 % of cases
-LOW_CONFIDENCE = 0.8  # confidence (mean probability where the organ wins) below this is flagged
+LOW_CONFIDENCE = 0.8  # confidence below this is flagged where the model has no calibrated threshold for the organ
 SIDE_MARGIN_MM = 10.0  # a paired organ found without its partner must lie this far on the wrong side to be flagged
 OFFSET_KEYS = ("offset_rl_mm", "offset_ap_mm", "offset_si_mm")  # training's offsets along LPS x, y, z
 AXES = (("R-L", "x"), ("A-P", "y"), ("S-I", "z"))  # anatomical name and LPS coordinate of each world axis
@@ -85,7 +92,8 @@ def _merge(entries: list[dict]) -> dict:
               "presence": float(np.mean([e["present"] / e["cases"] for e in entries if e["cases"]] or [0.0]))}
     if present:
         pick = {"min": min, "p01": min, "p50": np.median, "p99": max, "max": max}
-        merged["volume_ml"] = {k: float(f([e["volume_ml"][k] for e in present])) for k, f in pick.items()}
+        for size in (key for key in SIZE_KEYS.values() if key in present[0]):  # volume_ml; a 2D task's area_mm2
+            merged[size] = {k: float(f([e[size][k] for e in present])) for k, f in pick.items()}
         merged["one_piece"] = float(np.mean([e["one_piece"] for e in present]))
         for key in (*OFFSET_KEYS, "height_si_mm"):
             values = [e[key] for e in present if e.get(key) is not None]
@@ -108,6 +116,8 @@ class _Organ:
     volume_ml: float
     centre: np.ndarray | None  # world LPS (mm)
     pieces: list[int]  # voxels of each piece, largest first
+    size: float = 0.0  # what the volume check compares: `volume_ml`, or a 2D image's area
+    unit: str = "mL"  # of `size`: mL, or mm² (`medseg.units.voxel_size`)
 
 
 def _measure(labels: np.ndarray, grid: Grid, organs: Mapping[int, str], pieces: Mapping[str, Sequence[int]],
@@ -116,52 +126,61 @@ def _measure(labels: np.ndarray, grid: Grid, organs: Mapping[int, str], pieces: 
     inside = labels[extent] if extent is not None else labels[:0, :0, :0]
     boxes = label_boxes(inside, max_label=max(organs)) if inside.size else []
     offset = [s.start for s in extent] if extent is not None else [0, 0, 0]
+    per_voxel, unit = voxel_size(grid)
     measured = {}
     for label_id, name in organs.items():
         box = boxes[label_id - 1] if label_id - 1 < len(boxes) else None
         if box is None:
-            measured[name] = _Organ(name, 0.0, None, [])
+            measured[name] = _Organ(name, 0.0, None, [], 0.0, unit)
             continue
         organ = inside[box] == label_id
         whole = tuple(slice(s.start + o, s.stop + o) for s, o in zip(box, offset))
         centre = grid.affine @ np.r_[mask_centre(organ, whole), 1.0]
         sizes = list(pieces[name]) if name in pieces else piece_sizes(organ).tolist()
-        measured[name] = _Organ(name, int(organ.sum()) * grid.voxel_volume_ml, centre[:3], sizes)
+        voxels = int(organ.sum())
+        measured[name] = _Organ(name, voxels * grid.voxel_volume_ml, centre[:3], sizes, voxels * per_voxel, unit)
     return measured
 
 
 def _volume_flags(found: dict[str, _Organ], stats: TrainingStats) -> list[Flag]:
     flags = []
     for name, organ in found.items():
-        seen = stats.organs.get(name, {}).get("volume_ml")
-        if organ.volume_ml <= 0 or not seen or seen["min"] <= 0:  # min 0: sizes below the fingerprint's
-            continue  # rounding (0.0001 mL), as cells on a microscope: no range to compare with
+        seen = stats.organs.get(name, {}).get(SIZE_KEYS[organ.unit])  # volume_ml, or a 2D task's area_mm2
+        if organ.size <= 0 or not seen or seen["min"] <= 0:  # min 0: a fingerprint from before sizes kept their
+            continue  # significant digits (rounded to 0.0001 mL, a nucleus is 0): no range to compare with
         low, high = seen["min"] / (1 + VOLUME_MARGIN), seen["max"] * (1 + VOLUME_MARGIN)
-        if low <= organ.volume_ml <= high:
+        if low <= organ.size <= high:
             continue
-        above = organ.volume_ml > high
+        above = organ.size > high
         limit = seen["max"] if above else seen["min"]
-        far = abs(math.log2(organ.volume_ml / limit))
-        reason = (f"volume {organ.volume_ml:.1f} mL is {'above' if above else 'below'} anything in training "
-                  f"({'max' if above else 'min'} {limit:.1f} mL over {stats.organs[name]['present']} cases; "
-                  f"1st-99th percentile {seen['p01']:.1f}-{seen['p99']:.1f} mL)")
+        far = abs(math.log2(organ.size / limit))
+        factor, unit = display_unit(max(organ.size, seen["max"]), organ.unit)  # one unit for the whole sentence
+        reason = (f"{'area' if organ.unit == 'mm²' else 'volume'} {number(organ.size * factor)} {unit} is "
+                  f"{'above' if above else 'below'} anything in training ({'max' if above else 'min'} "
+                  f"{number(limit * factor)} {unit} over {stats.organs[name]['present']} cases; 1st-99th percentile "
+                  f"{number(seen['p01'] * factor)}-{number(seen['p99'] * factor)} {unit})")
         flags.append(Flag(name, "volume", reason, round(1.5 + min(far, 1.5), 3)))
     return flags
 
 
 def _piece_flags(found: dict[str, _Organ], stats: TrainingStats | None, kept_largest: Sequence[str],
-                 voxel_ml: float) -> list[Flag]:
+                 per_voxel: float) -> list[Flag]:
+    """`per_voxel`: a voxel's size in the organs' `unit` (`medseg.units.voxel_size`)."""
     flags = []
     for name, organ in found.items():
         entry = stats.organs.get(name, {}) if stats else {}
+        if entry.get("present") and SIZE_KEYS[organ.unit] not in entry:  # a 2D model's statistics from before
+            entry = {}  # areas: its pieces were judged against 0.1 mL, so every organ counted as one piece
         one_expected = entry.get("one_piece", 0.0) >= ONE_PIECE if "one_piece" in entry else name in kept_largest
-        count = significant_pieces(organ.pieces, voxel_ml)
+        typical = (entry.get(SIZE_KEYS[organ.unit]) or {}).get("p50")  # training's median size, if known
+        count = significant_pieces([size * per_voxel for size in organ.pieces], typical)
         if not one_expected or count < 2:
             continue
-        sizes = ", ".join(f"{s * voxel_ml:.1f}" for s in organ.pieces[:count])  # largest first: the significant
+        factor, unit = display_unit(organ.pieces[0] * per_voxel, organ.unit)
+        sizes = ", ".join(number(s * per_voxel * factor) for s in organ.pieces[:count])  # largest first
         apart = sum(organ.pieces[1:count]) / max(sum(organ.pieces[:count]), 1)
         cleaned = "; only the largest was kept" if name in kept_largest else ""
-        reason = f"{count} separate pieces ({sizes} mL) where training had one{cleaned}"
+        reason = f"{count} separate pieces ({sizes} {unit}) where training had one{cleaned}"
         flags.append(Flag(name, "pieces", reason, round(1.5 + min(apart * 2, 1.0), 3)))
     return flags
 
@@ -241,31 +260,35 @@ def _missing_flags(found: dict[str, _Organ], stats: TrainingStats, grid: Grid) -
     return flags
 
 
-def _confidence_flags(confidence: Mapping[str, Mapping], score: str) -> list[Flag]:
+def _confidence_flags(confidence: Mapping[str, Mapping], score: str, calibration: Calibration | None) -> list[Flag]:
     flags = []
     for name, scores in confidence.items():
         value = scores.get(score)
-        if value is not None and value < LOW_CONFIDENCE:
-            reason = f"low confidence {value:.2f} (mean probability where it is predicted; flagged below {LOW_CONFIDENCE})"
-            flags.append(Flag(name, "confidence", reason, round(1.0 + min((LOW_CONFIDENCE - value) * 4, 1.0), 3)))
+        limit, which = (calibration.threshold(name) if calibration is not None
+                        else (LOW_CONFIDENCE, "the default; the model has no calibration (`medseg calibrate`)"))
+        if value is not None and value < limit:
+            reason = f"low confidence {value:.2f} (mean probability where it is predicted; flagged below {limit}, {which})"
+            flags.append(Flag(name, "confidence", reason, round(1.0 + min((limit - value) * 4, 1.0), 3)))
     return flags
 
 
-def check_segmentation(seg, task: Task, stats: TrainingStats | None,
-                       kept_largest: Sequence[str] = ()) -> list[Flag]:
+def check_segmentation(seg, task: Task, stats: TrainingStats | None, kept_largest: Sequence[str] = (),
+                       calibration: Calibration | None = None) -> list[Flag]:
     """Every flag of one predicted case (a `medseg.infer.predictor.Segmentation`), worst first.
 
     Args:
         stats: what training held (`TrainingStats.from_fingerprints`); None skips the checks that need it.
         kept_largest: the organs the prediction kept to their largest piece.
+        calibration: per-organ confidence thresholds (`medseg.infer.calibration.read_calibration`); None:
+            LOW_CONFIDENCE for every organ.
     """
     from medseg.infer.uncertainty import CONFIDENCE_SCORE
 
     found = _measure(seg.labels, seg.grid, seg.organs, seg.pieces, seg.extent)
-    flags = _side_flags(found, task) + _piece_flags(found, stats, kept_largest, seg.grid.voxel_volume_ml)
+    flags = _side_flags(found, task) + _piece_flags(found, stats, kept_largest, voxel_size(seg.grid)[0])
     if stats is not None:
         flags += _volume_flags(found, stats) + _missing_flags(found, stats, seg.grid)
-    flags += _confidence_flags(seg.confidence, CONFIDENCE_SCORE)
+    flags += _confidence_flags(seg.confidence, CONFIDENCE_SCORE, calibration)
     return sorted(flags, key=lambda f: (-f.severity, f.organ, f.check))
 
 
@@ -296,19 +319,23 @@ class Checker:
         folders: the model folders predicting (one, or the folds of a cross-validation folder).
         kept_largest: the organs the prediction keeps to their largest piece.
         with_confidence: whether segmentations carry a confidence (ensembles, --uncertainty).
+        calibration: the per-organ confidence thresholds of the model (`medseg.infer.calibration`).
     """
 
-    def __init__(self, folders: Sequence, task: Task, kept_largest: Sequence[str] = (), with_confidence: bool = False):
+    def __init__(self, folders: Sequence, task: Task, kept_largest: Sequence[str] = (), with_confidence: bool = False,
+                 calibration: Calibration | None = None):
         from medseg.model.folder import read_run_config
 
         self.task = task
         self.kept_largest = tuple(kept_largest)
         self.stats = TrainingStats.from_fingerprints(read_run_config(f).fingerprint for f in folders)
         self.with_confidence = with_confidence
+        self.calibration = calibration
 
     def __call__(self, seg) -> list[dict]:
         """The flags of one case as plain dicts, worst first."""
-        return [f.to_dict() for f in check_segmentation(seg, self.task, self.stats, self.kept_largest)]
+        flags = check_segmentation(seg, self.task, self.stats, self.kept_largest, self.calibration)
+        return [f.to_dict() for f in flags]
 
     def report(self, rows: Sequence[Mapping]) -> dict:
         """For summary.json: which checks ran (and which not, why), and every case's flags, worst first."""
@@ -317,7 +344,8 @@ class Checker:
                        "skipped": skipped_checks(self.stats, self.with_confidence),
                        "thresholds": {"volume_margin": VOLUME_MARGIN, "one_piece": ONE_PIECE,
                                       "side_margin_mm": SIDE_MARGIN_MM,
-                                      "expected_presence": EXPECTED_PRESENCE, "low_confidence": LOW_CONFIDENCE}},
+                                      "expected_presence": EXPECTED_PRESENCE, "low_confidence": LOW_CONFIDENCE},
+                       "confidence_calibration": self.calibration.report() if self.calibration else None},
                 "flags": sorted(flags, key=lambda f: (-f["severity"], f["case"], f["organ"]))}
 
     @staticmethod

@@ -16,6 +16,13 @@ from medseg.infer.stitching import sliding_window_logits
 FLIPS = [(), (0,), (1,), (2,)]  # the copies: the scan as it is, and mirrored along each axis in turn
 
 
+def flips_for(shape: Sequence[int], tta: bool) -> list[tuple[int, ...]]:
+    """The copies to average for an (X, Y, Z) volume: the volume alone, or with `tta` also its mirror along
+    each axis longer than one voxel; mirroring a 2D image's singleton axis (X, Y, 1) would give the same
+    picture again and cost a whole inference pass."""
+    return [axes for axes in FLIPS if not axes or (tta and shape[axes[0]] > 1)]
+
+
 def softmax_(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over classes (dim 0) in place: a 512x512 CT's logits are ~0.5 GB, a copy as much again."""
     logits.sub_(logits.amax(0, keepdim=True)).exp_()

@@ -81,11 +81,15 @@ def read_run_config(folder: str | Path) -> RunConfig:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise InputError(f"{folder}: not a medseg model folder (no {CONFIG_NAME}; train one with `medseg train`)")
+    return RunConfig.from_dict(read_folder_json(path), str(path))
+
+
+def read_folder_json(path: Path):
+    """One of a model folder's JSON files (config, calibration, post-processing), parsed."""
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise ConfigError(f"{path}: not valid JSON ({error})") from None
-    return RunConfig.from_dict(raw, str(path))
 
 
 def write_run_config(config: RunConfig, folder: Path) -> Path:

@@ -19,17 +19,18 @@ from medseg.review.views import VIEWS, canonical, mask_extents, shown_box
 
 
 def _load(source, what: str, labels: bool, dimensions: int = 3) -> tuple[np.ndarray, Grid, str]:
-    """(X, Y, Z) array, grid and a name for messages, from a path or an (array, Grid) pair."""
+    """(X, Y, Z) labels or (C, X, Y, Z) image, its grid and a name for messages, from a path or an (array,
+    Grid) pair."""
     if isinstance(source, (str, Path)):
         array, grid = read_label(source, dimensions) if labels else read_image(source, dimensions=dimensions)
-        return (array if labels else array[0]), grid, str(source)
+        return array, grid, str(source)
     if not (isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], Grid)):
         raise InputError(f"{what} must be a path or an (array, Grid) pair, got {type(source).__name__}")
     array, grid = np.asarray(source[0]), source[1]
-    if not labels and array.ndim == 4:
-        array = array[0]  # a multi-channel scan is shown by its first channel
-    if array.shape != grid.shape:
+    if array.ndim not in ((3,) if labels else (3, 4)) or array.shape[-3:] != grid.shape:
         raise InputError(f"{what} array of shape {array.shape} does not fit its grid ({grid.describe()})")
+    if not labels and array.ndim == 3:
+        array = array[None]
     if labels and (array.dtype.kind not in "iub" or array.min(initial=0) < 0 or array.max(initial=0) > 255):
         raise InputError(f"{what} must hold integer labels in 0..255, got {array.dtype} values")
     return (array.astype(np.uint8, copy=False) if labels else array), grid, f"the given {what} array"
@@ -47,11 +48,14 @@ def legend_entries(task: Task, prediction: np.ndarray, reference: np.ndarray | N
                    unit: str = "mL"):
     """Colours, legend lines and mean Dice (NaN without a reference) of every organ of the task and mask.
 
-    `voxel_ml` is a voxel's size in `unit` (a 2D image's pixel area: "mm2").
+    `voxel_ml` is a voxel's size in `unit` (a 2D image's pixel area: "mm²"); sizes are shown in the unit
+    that reads (`medseg.units`: "nucleus: 80 um2"), prediction and reference in the same one.
 
     Returns:
         ({label: RGB}, [(RGB, "organ: 12.3 mL (ref 11.9), Dice 0.93")], mean Dice).
     """
+    from medseg.units import display_unit, number, plain
+
     names = task.label_names
     colors = {label.id: label.color for label in task.labels}
     pred_counts = voxel_counts(prediction)
@@ -63,11 +67,14 @@ def legend_entries(task: Task, prediction: np.ndarray, reference: np.ndarray | N
         ref_counts = voxel_counts(reference)
         both = voxel_counts(prediction[prediction == reference])
     for value, name in names.items():
-        text = f"{name}: {pred_counts[value] * voxel_ml:.1f} {unit}"
+        found = pred_counts[value] * voxel_ml
+        given = None if reference is None else ref_counts[value] * voxel_ml
+        factor, shown = display_unit(max(found, given or 0.0), unit)
+        text = f"{name}: {number(found * factor)} {plain(shown)}"
         if reference is not None:
             score = dice(both[value], pred_counts[value] - both[value], ref_counts[value] - both[value])
             scores.append(score)
-            text += f" (ref {ref_counts[value] * voxel_ml:.1f}), Dice " + ("n/a" if np.isnan(score) else f"{score:.2f}")
+            text += f" (ref {number(given * factor)}), Dice " + ("n/a" if np.isnan(score) else f"{score:.2f}")
         lines.append((colors[value], text))
     mean = float(np.nanmean(scores)) if scores and not np.isnan(scores).all() else float("nan")
     return colors, lines, mean
@@ -88,7 +95,7 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
         The four PNG paths (written atomically): the three montages, then the thumbnail; for a 2D image
         (task `dimensions: 2`) two, `<case>_overlay.png` and the thumbnail (`write_planar_overlay`).
     """
-    volume, grid, image_name = _load(image, "image", labels=False, dimensions=task.dimensions)
+    channels, grid, image_name = _load(image, "image", labels=False, dimensions=task.dimensions)
     prediction, mask_grid, mask_name = _load(mask, "mask", labels=True, dimensions=task.dimensions)
     ref, ref_name = None, None
     if reference is not None:
@@ -97,9 +104,11 @@ def write_overlays(image, mask, task: Task, out: str | Path, reference=None, cas
         if not grid.matches(other):
             raise InputError(f"{name} ({other.describe()}) is not on the grid of {image_name} ({grid.describe()})")
     case = case or (case_name(image) if isinstance(image, (str, Path)) else "case")
-    if is_planar(grid.shape):
-        return write_planar_overlay(volume[..., 0], prediction[..., 0], None if ref is None else ref[..., 0],
+    if is_planar(grid.shape):  # three channels (RGB) in colour, any other number by the first in grey
+        picture = channels[..., 0] if len(channels) == 3 else channels[0, ..., 0]
+        return write_planar_overlay(picture, prediction[..., 0], None if ref is None else ref[..., 0],
                                     grid.spacing[:2], task, Path(out), case)
+    volume = channels[0]  # a multi-channel scan is shown by its first channel
     colors, legend, mean_dice = legend_entries(task, prediction, ref, grid.voxel_volume_ml)
     # Every picture shows the organs' box only: cut it out once, so that choosing slices and drawing
     # them touch a few organs' worth of voxels, not a whole 512 x 512 CT, over and over.
@@ -140,20 +149,23 @@ def write_planar_overlay(image: np.ndarray, prediction: np.ndarray, reference: n
     images are enlarged (up to 8x) to fill the picture's width, large ones shrunk to it.
 
     Args:
-        image, prediction, reference: (X, Y) arrays of one grid; `spacing` its (X, Y) pixel size in mm.
+        image: (X, Y) grey, or (3, X, Y) RGB: shown in colour, the three channels stretched together.
+        prediction, reference: (X, Y) label maps of the image's grid; `spacing` its (X, Y) pixel size in mm.
     """
-    picture, labels = image.T, prediction.T  # (rows = Y, columns = X)
+    picture = image.T if image.ndim == 2 else np.moveaxis(image, 0, -1).transpose(1, 0, 2)  # (Y, X[, 3])
+    labels = prediction.T  # (rows = Y, columns = X)
     ref = None if reference is None else reference.T
     pixel = (spacing[1], spacing[0])  # (row, column) mm
-    colors, legend, mean_dice = legend_entries(task, prediction, reference, spacing[0] * spacing[1], "mm2")
+    colors, legend, mean_dice = legend_entries(task, prediction, reference, spacing[0] * spacing[1], "mm²")
     window, window_text = _window(task, picture)
     style = "prediction: solid outline + fill" + ("" if ref is None else f"   reference: dashed outline   "
                                                                           f"mean Dice {mean_dice:.3f}")
     notes = [f"{window_text}   {style}   image as stored: first row at the top"]
-    width_mm, height_mm = picture.shape[1] * pixel[1], picture.shape[0] * pixel[0]
+    width_mm, height_mm = labels.shape[1] * pixel[1], labels.shape[0] * pixel[0]
     pixel_mm = max(width_mm / (WIDTH - 2 * GAP), height_mm / 1200, min(pixel) / 8)
     rgb = render_slice(picture, labels, colors, window, pixel, reference2d=ref, pixel_mm=pixel_mm)
-    full = single_picture(rgb, f"{case} - 2D image, {picture.shape[1]}x{picture.shape[0]} pixels", notes, legend)
+    kind = "2D image" if picture.ndim == 2 else "2D RGB image"
+    full = single_picture(rgb, f"{case} - {kind}, {labels.shape[1]}x{labels.shape[0]} pixels", notes, legend)
     thumb_mm = max(width_mm / THUMB_SIZE[0], height_mm / THUMB_SIZE[1])
     thumb = render_slice(picture, labels, colors, window, pixel, reference2d=ref, pixel_mm=thumb_mm)
     return [_write_png(full, out / f"{case}_overlay.png"), _write_png(thumb, out / f"{case}_thumb.png")]

@@ -99,6 +99,26 @@ def _cell(value: float, digits: int, shade: bool = False) -> str:
     return f'<td class="num{grade}" data-value="{value!r}">{value:.{digits}f}</td>'
 
 
+def _size_cell(value: float, factor: float) -> str:
+    """An organ's size in its column's unit (`medseg.units`): about three significant digits."""
+    from medseg.units import number
+
+    if math.isnan(value):
+        return _cell(value, 0)
+    return f'<td class="num" data-value="{value * factor!r}">{number(value * factor)}</td>'
+
+
+def _size_units(rows: Sequence[Mapping], sizes: str, unit: str, organs: Sequence[str]) -> dict[str, tuple[float, str]]:
+    """Organ -> (factor, unit) of its size column: the unit that reads for the organ's largest size."""
+    from medseg.units import display_unit
+
+    units = {}
+    for organ in organs:
+        values = [abs(_number((row.get(sizes) or {}).get(organ))) for row in rows]
+        units[organ] = display_unit(max((v for v in values if not math.isnan(v)), default=0.0), unit)
+    return units
+
+
 def _header(title: str) -> str:
     """A column title that wraps: organ name above its unit, long names broken after underscores."""
     words = [html.escape(w).replace("_", "_<wbr>") for w in title.split(" ")]
@@ -156,8 +176,9 @@ def render_page(rows: Sequence[Mapping], out: Path) -> str:
         columns.append(("flags", "QA flags", "number"))
     columns.append(("empty", "Empty organs", "number"))
     sizes, unit = ("areas_mm2", "mm²") if any(row.get("areas_mm2") for row in rows) else ("volumes_ml", "mL")  # 2D: areas
+    shown = _size_units(rows, sizes, unit, organs)
     for organ in organs:
-        columns.append((f"ml:{organ}", f"{organ} {unit}", "number"))
+        columns.append((f"ml:{organ}", f"{organ} {shown[organ][1]}", "number"))
         if with_dice:
             columns.append((f"dice:{organ}", f"{organ} Dice", "number"))
     initial = "mean_dice" if with_dice else "rank"  # the column whose order the rows are in
@@ -179,7 +200,7 @@ def render_page(rows: Sequence[Mapping], out: Path) -> str:
             cells.append(trust.flags_cell(row))
         cells.append(f'<td data-value="{len(empty)}"{" class=empty" if empty else ""}>{esc(", ".join(empty))}</td>')
         for organ in organs:
-            cells.append(_cell(_number((row.get(sizes) or {}).get(organ)), 1))
+            cells.append(_size_cell(_number((row.get(sizes) or {}).get(organ)), shown[organ][0]))
             if with_dice:
                 cells.append(_cell(_number((row.get("dice") or {}).get(organ)), 3, shade=True))
         body.append(f'<tr data-case="{esc(name)}" id="{trust.anchor(name)}">{"".join(cells)}</tr>')

@@ -97,13 +97,13 @@ def render_slice(image2d: np.ndarray, labels2d: np.ndarray, colors: Mapping[int,
                  reference2d: np.ndarray | None = None, pixel_mm: float | None = None) -> np.ndarray:
     """One slice as an RGB picture with square pixels.
 
-    The scan is shown in the window; each organ of `labels2d` as a translucent fill with a solid
+    The scan is shown in the window (an RGB image's three channels through the same window); each organ of `labels2d` as a translucent fill with a solid
     2-px outline, each organ of `reference2d` as a dashed 3-px outline, in the organ's colour.
     Organ masks are interpolated before their outlines are traced, so outlines stay smooth when
     thick slices are stretched.
 
     Args:
-        image2d: (H0, W0) intensities; row 0 is the top of the picture.
+        image2d: (H0, W0) intensities, or (H0, W0, 3) RGB; row 0 is the top of the picture.
         labels2d: (H0, W0) label map, 0 = background; labels without a colour are not drawn.
         colors: RGB (0..255) per label value.
         window: (level, width) in image units, e.g. (40, 400) HU for soft tissue.
@@ -115,17 +115,20 @@ def render_slice(image2d: np.ndarray, labels2d: np.ndarray, colors: Mapping[int,
         (H, W, 3) uint8 with H = round(H0 * row / pixel_mm) and W = round(W0 * column / pixel_mm).
     """
     image2d, labels2d = np.asarray(image2d), np.asarray(labels2d)
-    if image2d.ndim != 2 or labels2d.shape != image2d.shape:
-        raise ValueError(f"expected a 2D image and labels of the same shape, got {image2d.shape} and {labels2d.shape}")
-    if reference2d is not None and np.shape(reference2d) != image2d.shape:
+    colour = image2d.ndim == 3 and image2d.shape[2] == 3
+    if (image2d.ndim != 2 and not colour) or labels2d.shape != image2d.shape[:2]:
+        raise ValueError(f"expected a 2D image (grey, or RGB as (H, W, 3)) and labels of the same shape, got "
+                         f"{image2d.shape} and {labels2d.shape}")
+    if reference2d is not None and np.shape(reference2d) != labels2d.shape:
         raise ValueError(f"reference of shape {np.shape(reference2d)} does not match the image {image2d.shape}")
     level, width = window
     if not width > 0 or min(pixel_spacing) <= 0:
         raise ValueError(f"window width and pixel spacing must be positive, got {window} and {pixel_spacing}")
     pixel_mm = float(pixel_mm or min(pixel_spacing))
-    shape = [max(1, round(n * s / pixel_mm)) for n, s in zip(image2d.shape, pixel_spacing)]
-    grey = np.clip((_resize(image2d, shape) - (level - width / 2)) / width, 0.0, 1.0) * 255
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    shape = [max(1, round(n * s / pixel_mm)) for n, s in zip(labels2d.shape, pixel_spacing)]
+    planes = [image2d[..., c] for c in range(3)] if colour else [image2d]
+    shown = [np.clip((_resize(plane, shape) - (level - width / 2)) / width, 0.0, 1.0) * 255 for plane in planes]
+    rgb = np.stack(shown, axis=-1) if colour else np.repeat(shown[0][..., None], 3, axis=-1)
     layers = [(labels2d, False)] + ([(np.asarray(reference2d), True)] if reference2d is not None else [])
     outlines = []
     for labels, is_reference in layers:

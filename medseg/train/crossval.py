@@ -14,6 +14,8 @@ weights is not predicted again. From those predictions:
 - `cv_summary.json` and `cv_summary.csv`: per fold and organ the mean Dice (post-processed as chosen,
   and raw), mean ± std over the folds, and Spearman's ρ of each confidence score against Dice over
   the out-of-fold organ-cases; `cv_cases.csv`: one row per case and organ.
+- `confidence.json`: per organ, the confidence below which `medseg predict -m CV` flags it, chosen from
+  the pooled out-of-fold confidences and Dices (`medseg.infer.calibration`; `calibrate_folds` alone).
 
 With several GPUs, train the folds side by side, one process each (`medseg train --fold K --out
 CV/fold_K`, e.g. with `CUDA_VISIBLE_DEVICES=K`); `medseg train --fold all --out CV` then finds them
@@ -90,7 +92,7 @@ def fit_folds(options: TrainOptions, echo: Callable[[str], None] = print) -> Pat
             _check_fold(sub, options, fold)
         resume = (sub / "last.pt").is_file()
         echo(f"fold {fold} of {options.folds}: {'continuing' if resume else 'training'} {sub}")
-        fit(replace(options, fold=fold, out=sub, resume=resume))
+        fit(replace(options, fold=fold, out=sub, resume=resume, calibrate=False))  # calibrated out of fold below
     summarise(folder, device=options.device, precision=options.precision, echo=echo)
     return folder
 
@@ -157,8 +159,12 @@ def _predict_held_out(predictor, case: Case, fold: int, task: Task, out: Path, c
 
 
 def predict_out_of_fold(folder: Path, device: str = "auto", precision: str = "auto",
-                        echo: Callable[[str], None] = print) -> list[dict]:
-    """Every fold's held-out cases predicted by that fold (done ones read back); one result per case."""
+                        echo: Callable[[str], None] = print, data: Path | None = None) -> list[dict]:
+    """Every fold's held-out cases predicted by that fold (done ones read back); one result per case.
+
+    Args:
+        data: the dataset of the cases still to predict; None: the one each fold was trained on.
+    """
     from medseg.infer.ensemble import EnsemblePredictor, fold_folders
 
     out = folder / OOF_FOLDER
@@ -170,7 +176,7 @@ def predict_out_of_fold(folder: Path, device: str = "auto", precision: str = "au
         checkpoint = _checkpoint_id(fold_folder)
         todo = [name for name in held_out if not _done(out / f"{name}.json", checkpoint)]
         if todo:
-            cases = {c.name: c for c in load_dataset(config.data)}
+            cases = {c.name: c for c in load_dataset(data or config.data)}
             predictor = EnsemblePredictor([fold_folder], device=device, precision=precision, largest_component=())
             echo(f"fold {fold}: predicting {len(todo)} held-out case(s) into {out}")
             for name in todo:
@@ -275,6 +281,7 @@ def summarise(folder: str | Path, device: str = "auto", precision: str = "auto",
                                     "oof_mean": _mean([r["dice"] for r in rows if r["organ"] == organ]),
                                     "largest_component": organ in choice["largest_component"]}
     write_text(json.dumps(summary, indent=2), folder / SUMMARY_NAME)
+    _calibrate(folder, rows, organs)
     table = [{"fold": f, "organ": o, **v} for f, by_organ in per_fold.items() for o, v in by_organ.items()]
     table += [{"fold": stat, "organ": o, "dice": s[stat]} for stat in ("mean", "std") for o, s in summary["organs"].items()]
     _write_csv(table, ["fold", "organ", "dice", "dice_raw"], folder / "cv_summary.csv")
@@ -283,6 +290,35 @@ def summarise(folder: str | Path, device: str = "auto", precision: str = "auto",
     for line in format_summary(summary):
         echo(line)
     return summary
+
+
+def _calibrate(folder: Path, rows: Sequence[Mapping], organs: Sequence[str]) -> dict:
+    """confidence.json from the out-of-fold organ-case rows (Dice with the chosen post-processing)."""
+    from medseg.infer.calibration import calibrate_rows, write_calibration
+    from medseg.infer.uncertainty import CONFIDENCE_SCORE
+
+    pairs = [{"case": r["case"], "organ": r["organ"], "confidence": r.get(CONFIDENCE_SCORE), "dice": r["dice"]}
+             for r in rows]
+    folds = len({r["fold"] for r in rows})
+    data = calibrate_rows(pairs, organs, f"out-of-fold predictions of {folds} folds ({len({r['case'] for r in rows})}"
+                          " cases, each predicted by the fold that did not train on it)")
+    write_calibration(data, folder)
+    return data
+
+
+def calibrate_folds(folder: str | Path, device: str = "auto", precision: str = "auto", data: Path | None = None,
+                    echo: Callable[[str], None] = print) -> dict:
+    """A cross-validation folder's confidence.json alone, from its out-of-fold predictions (those missing made
+    first, as `summarise` makes them); returns its data."""
+    from medseg.infer.ensemble import read_postprocessing
+
+    folder = Path(folder)
+    results = predict_out_of_fold(folder, device, precision, echo, data)
+    task = read_run_config(next(folder.glob("fold_*/" + CONFIG_NAME)).parent).task
+    organs = list(task.label_names.values())
+    chosen = read_postprocessing(folder)
+    kept = chosen[0] if chosen else choose_postprocessing(results, organs)["largest_component"]
+    return _calibrate(folder, _case_rows(results, kept), organs)
 
 
 def format_summary(summary: Mapping) -> list[str]:

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -35,6 +36,7 @@ from medseg.data.patches import load_subject, make_split, patch_batches
 from medseg.data.preprocess import resolve_preprocessing
 from medseg.distributed import World
 from medseg.errors import InputError
+from medseg.infer.calibration import calibrate_after_training, reserve_seconds
 from medseg.io import write_text
 from medseg.model.folder import (CONFIG_NAME, RunConfig, load_checkpoint, read_run_config, save_checkpoint,
                                  write_run_config)
@@ -66,6 +68,7 @@ class TrainOptions:
     precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU runs bf16 natively (medseg.runtime)
     init_weights: Path | None = None  # model folder or checkpoint to start from (medseg.train.transfer)
     freeze_encoder_epochs: int = 0  # with init_weights: epochs the encoder stays frozen
+    calibrate: bool = True  # at the end, per-organ confidence thresholds from the validation cases (confidence.json)
 
 
 # ---------------------------------------------------------------------------- the run folder
@@ -95,11 +98,9 @@ def _resolve_run(options: TrainOptions) -> tuple[Path, RunConfig | None]:
 def _new_config(options: TrainOptions) -> RunConfig:
     """Task, split, preprocessing and network plan worked out for a new run."""
     task = load_task(options.task)
-    data = Path(options.data) if options.data else None
-    if data is None:
-        if not task.sample_data:
-            raise InputError(f"task '{task.name}' has no bundled sample data; pass --data DATASET_FOLDER")
-        data = sample_data_dir(task.sample_data)
+    if not options.data and not task.sample_data:
+        raise InputError(f"task '{task.name}' has no bundled sample data; pass --data DATASET_FOLDER")
+    data = Path(options.data) if options.data else sample_data_dir(task.sample_data)
     cases = {c.name: c for c in load_dataset(data)}
     labelled = [name for name, case in cases.items() if case.label is not None]
     if not labelled:
@@ -131,10 +132,7 @@ def _open_run(options: TrainOptions) -> tuple[Path, RunConfig]:
     for stale in folder.glob(".*.tmp*"):  # a write cut short by a kill: the file it was replacing is intact
         stale.unlink()
     (folder / "cache").mkdir(exist_ok=True)
-    if saved is None:
-        config = _new_config(options)
-    else:
-        config = saved.with_budget(options.epochs, options.max_minutes)
+    config = _new_config(options) if saved is None else saved.with_budget(options.epochs, options.max_minutes)
     if config != saved:
         write_run_config(config, folder)
     return folder, config
@@ -168,6 +166,7 @@ class _Training:
     plan: Plan | None = None
     preprocessing_seconds: float = 0.0
     freeze_epochs: int = 0  # the encoder is frozen before this epoch (medseg.train.transfer)
+    calibrate: bool = False  # the run ends with a confidence calibration (its time is kept back with a budget)
 
     @property
     def total_steps(self) -> int:
@@ -251,7 +250,8 @@ def _start(options: TrainOptions, world: World, budget: Budget) -> _Training:
                     preprocessing_seconds=preprocessing_seconds, validate_every=task.schedule.validate_every,
                     average=WeightAverage(network, task.schedule.ema_decay) if task.schedule.ema_decay else None,
                     table=MetricsTable(folder / "metrics.csv", list(task.label_names.values())) if world.is_main else None,
-                    board=TensorBoard(folder) if world.is_main else None, freeze_epochs=freeze_epochs)
+                    board=TensorBoard(folder) if world.is_main else None, freeze_epochs=freeze_epochs,
+                    calibrate=options.calibrate)
     if options.resume and (folder / "last.pt").is_file():  # every rank reads it: the run folder is shared
         _restore(run, load_checkpoint(folder / "last.pt"), options.seed)
     if world.size > 1:  # starts every rank from rank 0's weights, then averages the gradients of each step
@@ -294,9 +294,10 @@ def _measure_validation(run: _Training) -> None:
 
 
 def _set_validation_seconds(run: _Training, seconds: float) -> None:
+    """The final validation's time, and the calibration's after it, are kept back from the steps."""
     run.validation_seconds = seconds
     if run.budget.seconds:
-        run.budget.reserve = seconds
+        run.budget.reserve = seconds + (reserve_seconds(seconds, run.config) if run.calibrate else 0.0)
 
 
 def _make_plan(run: _Training, step_seconds: list[float]) -> None:
@@ -363,15 +364,13 @@ def fit(options: TrainOptions, world: World | None = None) -> Path:
     """Train (or resume) one run; returns the run folder.
 
     With a time budget (`--max-minutes`, or the task's `schedule.max_minutes`) the clock starts here:
-    preprocessing, steps, validation and the final model all count (`medseg.train.budget`).
+    preprocessing, steps, validation, the final model and its calibration all count (`medseg.train.budget`).
 
     Args:
         options: the run's runtime choices.
         world: the processes training together, from `medseg.distributed.joined` (its device replaces
             `options.device`); None: this process alone on `options.device`.
     """
-    import sys
-
     budget = Budget(None)
     world = world or World(resolve_device(options.device))
     run = _start(options, world, budget)
@@ -392,9 +391,10 @@ def fit(options: TrainOptions, world: World | None = None) -> Path:
     finally:
         if run.board is not None:
             run.board.close()
-    # No validation ran (e.g. a zero budget): the last weights serve.
-    if world.is_main and not (run.folder / "best.pt").is_file():
+    if world.is_main and not (run.folder / "best.pt").is_file():  # no validation ran: the last weights serve
         save_checkpoint(run.folder / "best.pt", {"model": run.weights(), "epoch": run.progress.epoch, "mean_dice": -1.0})
+    if world.is_main and run.calibrate:  # medseg.infer.calibration: the QA flags' per-organ thresholds
+        calibrate_after_training(run.folder, str(world.device), options.precision, run.log, run.validation_cost)
     run.log.info(f"done: best validation mean Dice {run.progress.best_dice:.3f}; {run.budget.elapsed() / 60:.1f} min "
                  f"wall-clock; model folder {run.folder}")
     return run.folder

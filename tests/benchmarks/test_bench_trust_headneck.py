@@ -9,14 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import blob_case, make_grid
+from conftest import partial_blob_dataset
 
 from medseg.data.datasets import load_dataset
 from medseg.errors import InputError
-from medseg.io import write_image, write_label_map
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # the benchmarks are scripts, not a package
-from bench_trust_headneck import markdown, measure, recompute_statistics
+from bench_trust_headneck import (
+    calibrate_on_validation,
+    ensemble_predictor,
+    main,
+    markdown,
+    measure,
+    recompute_statistics,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +44,7 @@ def models(tiny_model, tmp_path_factory) -> list[Path]:
 def held_out(tmp_path_factory):
     """Three unseen blob cases; the second did not contour the rectum (and has none drawn)."""
     root = tmp_path_factory.mktemp("held_out")
-    entries = []
-    for i, orientation in enumerate(["LPS", "RAS", "LPS"]):
-        grid = make_grid(orientation, shape=(44, 40, 20), spacing=(1.5, 1.5, 3.0))
-        image, labels = blob_case(grid, seed=20 + i)
-        entry = {"image": f"./imagesTr/hn_{i}.nii.gz", "label": f"./labelsTr/hn_{i}.nii.gz"}
-        if i == 1:
-            labels[labels == 3] = 0
-            entry["contoured"] = ["prostate", "bladder", "femoral_head_left", "femoral_head_right"]
-        write_image(image, grid, root / "imagesTr" / f"hn_{i}.nii.gz")
-        write_label_map(labels, grid, root / "labelsTr" / f"hn_{i}.nii.gz")
-        entries.append(entry)
-    (root / "dataset.json").write_text(json.dumps({"name": "hn", "labels": {"0": "background"}, "training": entries}))
+    partial_blob_dataset(root, ["LPS", "RAS", "LPS"], first_seed=20)
     return load_dataset(root)
 
 
@@ -99,3 +94,54 @@ def test_statistics_recomputed_for_a_model_folder_from_before_the_lateral_offset
     lateral = stats.organs["femoral_head_left"]["offset_rl_mm"]
     assert lateral > 5 > -5 > stats.organs["femoral_head_right"]["offset_rl_mm"]  # LPS x: + is the patient's left
     assert lateral == pytest.approx(trained, abs=0.01)  # what training recorded, from the same cases
+
+
+def test_calibrate_first_on_each_models_own_validation_cases(models, held_out, tiny_dataset):
+    result = measure(models, held_out, device="cpu", echo=lambda line: None, calibrate_from=tiny_dataset[0])
+
+    config = json.loads((models[0] / "config.json").read_text())
+    unseen = sorted(set(config["split"]["validation"]) - set(config["split"]["train"]))
+    assert set(result["calibration"]) == {"a/model", "b/model", "ensemble"}
+    for name, calibration in result["calibration"].items():
+        assert calibration["cases"] == unseen and calibration["seconds"] > 0  # copies: one split, so one for all
+        assert not set(calibration["cases"]) & set(result["case_names"])
+        for row in (r for r in result["organ_cases"] if r["model"] == name and r["confidence"] is not None):
+            threshold = calibration["organs"][row["organ"]]["threshold"] or 0.8
+            flagged = [f for f in row["flags"] if f.startswith("confidence:")]
+            assert bool(flagged) == (row["confidence"] < threshold)
+            assert all(f"flagged below {threshold}, " in f for f in flagged)
+    text = markdown({**result, "command": "python benchmarks/bench_trust_headneck.py --models a b --calibrate"})
+    assert "**Confidence thresholds** (chosen on validation cases" in text
+    assert f"- ensemble: {len(unseen)} validation case(s) that none of its 2 model folder(s) trained on" in text
+
+
+def test_calibration_on_a_held_out_case_is_refused(models, tiny_dataset):
+    predictor, _ = ensemble_predictor([models[0]], "cpu", False)
+    validation = json.loads((models[0] / "config.json").read_text())["split"]["validation"]
+    with pytest.raises(InputError, match=rf"calibration on held-out case\(s\) {validation[0]} refused"):
+        calibrate_on_validation(predictor, tiny_dataset[0], held_out={validation[0], "hn_200"})
+
+
+def test_a_two_case_smoke_run_with_calibration(models, tiny_dataset, tmp_path, capsys):
+    """The command line on a dataset laid out as openkbp-hn: 170 cases first (the models' own among them),
+    then the held-out ones, here two (links to the tiny dataset's files)."""
+    source = tiny_dataset[0]
+    data = tmp_path / "hn"
+    (data / "imagesTr").mkdir(parents=True), (data / "labelsTr").mkdir()
+    entries = [{"image": f"./imagesTr/blob_{i}.nii.gz", "label": f"./labelsTr/blob_{i}.nii.gz"} for i in range(6)]
+    for k in range(166):
+        for sub in ("imagesTr", "labelsTr"):
+            (data / sub / f"hn_{k:03d}.nii.gz").symlink_to(source / sub / f"blob_{k % 6}.nii.gz")
+        entries.append({"image": f"./imagesTr/hn_{k:03d}.nii.gz", "label": f"./labelsTr/hn_{k:03d}.nii.gz"})
+    for i in range(6):
+        for sub in ("imagesTr", "labelsTr"):
+            (data / sub / f"blob_{i}.nii.gz").symlink_to(source / sub / f"blob_{i}.nii.gz")
+    (data / "dataset.json").write_text(json.dumps({"name": "hn", "labels": {"0": "background"}, "training": entries}))
+    results = tmp_path / "results"
+    assert main(["--models", *map(str, models), "--data", str(data), "--cases", "2", "--calibrate", "--device", "cpu",
+                 "--results", str(results)]) == 0
+    result = json.loads((results / "results.json").read_text())
+    assert result["case_names"] == ["hn_164", "hn_165"] and "--calibrate" in result["command"]
+    assert all(c["cases"] == sorted(c["cases"]) and "hn_16" not in " ".join(c["cases"])
+               for c in result["calibration"].values())
+    assert "**Confidence thresholds**" in (results / "results.md").read_text()

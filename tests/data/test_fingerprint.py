@@ -217,3 +217,15 @@ def test_organ_statistics_for_the_qa_flags(msd):
     # blob cases: the bladder sits 0.2 of the extent above the centre, the prostate 0.15 below (world S)
     assert stats["bladder"]["offset_si_mm"] > 0 > stats["prostate"]["offset_si_mm"]
     assert stats["prostate"]["height_si_mm"] > 0
+
+
+def test_a_2d_task_keeps_its_organs_areas_in_mm2_down_to_a_nucleus(nuclei):
+    """A nucleus is ~6e-5 mm2 (~6e-8 'mL'): sizes keep their significant digits instead of rounding to 0."""
+    root, task = nuclei
+    cases = load_dataset(root)
+    entry = compute_fingerprint(cases, load_task(task))["organ_statistics"]["nucleus"]
+    areas = sorted(float(read_label(c.label, dimensions=2)[0].sum()) * 0.0005 ** 2 for c in cases)
+    assert "volume_ml" not in entry
+    assert entry["area_mm2"]["min"] == pytest.approx(areas[0], rel=1e-5) and 4e-5 < areas[0] < 6e-5
+    assert entry["area_mm2"]["max"] == pytest.approx(areas[-1], rel=1e-5)
+    assert entry["one_piece"] == 1.0

@@ -184,3 +184,30 @@ def test_evaluate_cli_writes_slices_csv_profiles_and_names_the_worst_slices(fold
     assert [p.name for p in sorted((out / "profiles").iterdir())] == ["case_0.png", "case_1.png"]
     assert (out / "profiles" / "case_1.png").read_bytes()[:8] == PNG
     assert "worst slices" in printed and "rectum: case_1 z" in printed
+
+
+def test_2d_images_get_no_slice_report_and_the_summary_says_so(nuclei, tmp_path, capsys):
+    """Microscopy (one slice per image): no slices.csv or profiles; distances in µm in the printed table."""
+    root, task = nuclei
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for ref in sorted((root / "labelsTr").iterdir()):
+        image = sitk.ReadImage(str(ref))
+        shifted = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(image), 1, axis=1))  # one pixel along x
+        shifted.CopyInformation(image)
+        sitk.WriteImage(shifted, str(preds / ref.name))
+    labels, grid = read_label(root / "labelsTr" / "n0.nii.gz", dimensions=2)
+    assert grid.shape == (64, 64, 1) and slice_rows(labels, labels, grid, {1: "nucleus"}) == []
+
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--pred", str(preds), "--ref", str(root / "labelsTr"), "--task", str(task),
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert not (out / "slices.csv").exists() and not (out / "profiles").exists()
+    note = json.loads((out / "summary.json").read_text())["all"]["slices"]
+    assert note["skipped_cases"] == ["n0", "n1", "n2"] and note["slice_report_written"] is False
+    assert "no slice report for 3 2D image(s): one slice each" in printed
+    assert "wrote metrics.csv, summary.json and dice_boxplot.png to" in printed
+    header, _, row = printed.splitlines()[:3]
+    assert header.split() == ["organ", "Dice", "HD95", "µm", "ASSD", "µm", "SurfDice", "tol", "mm", "n", "empty", "inf"]
+    assert row.split()[2] == "0.50"  # HD95 of a one-pixel shift: 0.5 um, not "0.00" mm

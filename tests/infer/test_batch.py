@@ -172,3 +172,15 @@ def test_overlays_cut_to_the_organs_are_the_same_pictures(orientation, tmp_path)
     empty = Segmentation(np.zeros_like(labels), grid, task.label_names)
     assert around_organs(empty, (image[None], grid))[1][0] is empty.labels
     assert all(v["voxels"] == 0 for v in empty.volumes().values())
+
+
+def test_a_2d_case_line_shows_areas_in_the_unit_that_reads(capsys):
+    """Microscopy areas are thousandths of a mm² (the line read "nucleus 0.0 mm²"): µm² here."""
+    import logging
+
+    from medseg.infer.batch import _print_case
+
+    row = {"case": "cells_016", "seconds": {"inference": 0.1}, "volumes_ml": {"nucleus": 1.2e-6, "cell": 4.3e-6},
+           "areas_mm2": {"nucleus": 0.0012344, "cell": 0.0433}, "flags": []}
+    _print_case(row, logging.getLogger("test"))
+    assert capsys.readouterr().err == "cells_016: nucleus 1234 µm², cell 0.043 mm² (inference 0.10 s)\n"

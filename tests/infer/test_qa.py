@@ -187,3 +187,35 @@ def test_flags_reach_the_terminal_summary_json_and_the_top_of_the_review_page(ti
     page = (out / "review.html").read_text()
     assert page.index('<table id="flags">') < page.index('<table id="cases">')  # at the top
     assert page.count('<tr class="flag" data-flag-case="odd">') == len(summary["flags"])
+
+
+def test_a_2d_image_is_checked_by_area_worded_in_um2(nuclei):
+    """Microscopy (0.5 um pixels): training's nuclei are 49-79 um2; a 4x larger nucleus in two pieces is
+    flagged for its area and its pieces, in um2 (not '0.0 mL'), the pieces judged against the typical size."""
+    from conftest import disc
+
+    root, task_file = nuclei
+    task = load_task(task_file)
+    stats = TrainingStats.from_fingerprints([compute_fingerprint(load_dataset(root), task)])
+    grid = make_grid("LPS", shape=(64, 64, 1), spacing=(0.0005, 0.0005, 1.0), origin=(0.0, 0.0, 0.0))
+    labels = (disc((64, 64), (24, 30), 18) | disc((64, 64), (56, 56), 6)).astype(np.uint8)[..., None]
+    seg = Segmentation(labels, grid, task.label_names)
+    by_check = {f.check: f.reason for f in check_segmentation(seg, task, stats)}
+
+    assert set(by_check) == {"volume", "pieces"}
+    area_um2 = labels.sum() * 0.25
+    assert by_check["volume"] == (f"area {area_um2:.0f} µm² is above anything in training (max 79.2 µm² over 3 "
+                                  "cases; 1st-99th percentile 49.5-78.9 µm²)")  # discs of 197, 253, 317 pixels
+    assert disc((64, 64), (24, 30), 18).sum() == 1009 and disc((64, 64), (56, 56), 6).sum() == 113
+    assert by_check["pieces"] == "2 separate pieces (252, 28.2 µm²) where training had one"
+
+    scattered = np.zeros_like(labels)
+    scattered[10:14, 10:15] = 1  # 20 pixels, 5 um2
+    scattered[40, 40:42] = 1  # 0.5 um2: 10 % of the largest piece, but under 1 % of training's median nucleus
+    (flag,) = check_segmentation(Segmentation(scattered, grid, task.label_names), task, stats)
+    assert flag.check == "volume" and flag.reason.startswith("area 5.5 µm² is below anything in training (min 49.2 µm²")
+
+    # a 2D model folder from before areas were stored: sizes rounded to 0 mL, every organ "one piece"
+    old = TrainingStats({"nucleus": {"cases": 3, "present": 3, "one_piece": 1.0,
+                                     "volume_ml": {"min": 0.0, "p01": 0.0, "p50": 0.0, "p99": 0.0, "max": 0.0}}})
+    assert check_segmentation(seg, task, old) == []  # neither checked against sizes it cannot compare with

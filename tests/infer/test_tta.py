@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import SideAware, make_grid, oracle_predictor
+import pytest
+import torch
+from conftest import Oracle, SideAware, make_grid, oracle_predictor
+
+from medseg.infer.tta import flips_for
 
 
 def test_tta_keeps_left_organ_on_the_left():
@@ -17,3 +21,32 @@ def test_tta_keeps_left_organ_on_the_left():
     assert set(np.unique(plain.labels[28:35, 10:20, 5:15])) == {4}  # patient's left
     assert set(np.unique(plain.labels[5:12, 10:20, 5:15])) == {5}
     assert np.array_equal(plain.labels, flipped.labels)
+
+
+class Counting(torch.nn.Module):
+    """The oracle network, counting the windows it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.oracle, self.windows = Oracle(), 0
+
+    def forward(self, x):
+        self.windows += x.shape[0]
+        return self.oracle(x)
+
+
+@pytest.mark.parametrize("shape, copies", [
+    pytest.param((24, 20, 1), 3, id="2d-image-two-in-plane-mirrors"),
+    pytest.param((24, 20, 8), 4, id="volume-three-mirrors"),
+])
+def test_tta_mirrors_only_axes_longer_than_one_voxel(shape, copies):
+    assert flips_for(shape, tta=False) == [()]
+    assert len(flips_for(shape, tta=True)) == copies
+    grid = make_grid("RAS", shape=shape, spacing=(1.0, 1.0, 1.0))
+    labels = np.zeros(shape, np.float32)
+    labels[3:9, 4:15] = 2.0
+    network = Counting()
+    predictor = oracle_predictor((1.0, 1.0, 1.0), network, tta=True, patch=shape)  # one window per copy
+    result = predictor.predict((labels[None], grid))
+    assert network.windows == copies
+    assert np.array_equal(result.labels, labels.astype(np.uint8))

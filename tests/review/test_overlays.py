@@ -244,9 +244,43 @@ def test_legend_names_each_organ_with_its_volume_in_ml_and_its_dice(task):
     reference[0:2, 0:2, 0:1] = 1  # 4 voxels: Dice 2 * 4 / (8 + 4) = 0.67
     colors, lines, mean = legend_entries(task, prediction, reference, voxel_ml=0.5)
     assert lines[0] == (colors[1], "prostate: 4.0 mL (ref 2.0), Dice 0.67")
-    assert lines[1][1] == "bladder: 0.0 mL (ref 0.0), Dice n/a"  # absent from both: no Dice
+    assert lines[1][1] == "bladder: 0 mL (ref 0), Dice n/a"  # absent from both: no Dice
     assert mean == pytest.approx(2 / 3)
     assert legend_entries(task, prediction, None, 0.5)[1][0][1] == "prostate: 4.0 mL"
+
+
+def test_legend_of_microscopy_areas_in_um2_prediction_and_reference_in_one_unit():
+    cells = load_task("cells")
+    prediction = np.zeros((20, 20, 1), np.uint8)
+    prediction[0:10, 0:10] = 1  # 100 pixels of 0.25 um2 (0.5 um pixels): 25 um2
+    reference = np.zeros_like(prediction)
+    reference[0:10, 0:12] = 1
+    reference[15:20, 15:20] = 2  # the cell the prediction missed: 6.25 um2
+    _, lines, _ = legend_entries(cells, prediction, reference, 0.0005 ** 2, "mm²")
+    assert [text for _, text in lines] == ["nucleus: 25.0 um2 (ref 30.0), Dice 0.91",
+                                           "cell: 0 um2 (ref 6.2), Dice 0.00"]  # the font has no µ or ²
+
+
+def test_an_rgb_image_is_shown_in_colour(tmp_path):
+    """A 2D RGB image (three channels): its overlay shows the colours, not the first channel in grey."""
+    from PIL import Image
+
+    grid = make_grid("LPS", shape=(40, 30, 1), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    image = np.zeros((3, *grid.shape), np.float32)
+    image[0, :20] = 200.0  # left half red, right half green: colours the legend (the task's) does not use
+    image[1, 20:] = 200.0
+    task = load_task("cells")
+    rgb = render_slice(np.moveaxis(image[..., 0], 0, -1), np.zeros((40, 30), np.uint8), {}, (100, 200), (1.0, 1.0))
+    assert tuple(rgb[5, 5]) == (255, 0, 0) and tuple(rgb[35, 5]) == (0, 255, 0)
+    (overlay, _) = write_overlays((image, grid), (np.zeros(grid.shape, np.uint8), grid), task, tmp_path, case="rgb")
+    with Image.open(overlay) as png:
+        pixels = np.asarray(png.convert("RGB")).reshape(-1, 3).astype(int)
+    red = (pixels[:, 0] > 200) & (pixels[:, 1] < 60) & (pixels[:, 2] < 60)
+    assert red.sum() > 1000 and ((pixels[:, 1] > 200) & (pixels[:, 0] < 60) & (pixels[:, 2] < 60)).sum() > 1000
+    grey = write_overlays((image[:1], grid), (np.zeros(grid.shape, np.uint8), grid), task, tmp_path, case="grey")[0]
+    with Image.open(grey) as png:
+        pixels = np.asarray(png.convert("RGB")).reshape(-1, 3).astype(int)
+    assert not ((pixels[:, 0] > 200) & (pixels[:, 1] < 60) & (pixels[:, 2] < 60)).any()  # one channel: grey
 
 
 # ------------------------------------------------------------------------------------ files

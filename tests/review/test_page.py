@@ -87,6 +87,16 @@ def test_slice_reports_are_linked_and_worst_slices_below_fair_named(tmp_path):
     assert 'data-key="worst_slice"' not in render_page([case("plain", {"prostate": 0.9})], tmp_path)
 
 
+def test_size_columns_read_in_their_own_unit(tmp_path):
+    """Microscopy areas (2D): nuclei of 80 um2 in µm², not "0.0 mm²"; a larger organ keeps mm² in its column."""
+    rows = [{**case(name, volumes={"nucleus": 0.0, "dish": 0.0}), "areas_mm2": {"nucleus": area, "dish": 3.5}}
+            for name, area in (("a", 8e-5), ("b", 1.25e-4))]
+    page = render_page(rows, tmp_path)
+    assert "nucleus<br>µm²" in page and "dish<br>mm²" in page
+    assert '<td class="num" data-value="80.0">80.0</td>' in page and ">125</td>" in page and ">3.5</td>" in page
+    assert render_page([case("ct", volumes={"prostate": 0.004})], tmp_path).count(">4.0</td>") == 1  # 4 mm³
+
+
 def test_predict_with_a_reference_links_the_slice_report(predictions):
     for name in ("good", "poor"):
         assert (predictions / f"{name}_metrics" / "slices.csv").is_file()

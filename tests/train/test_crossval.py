@@ -127,3 +127,23 @@ def test_largest_piece_is_chosen_where_it_does_not_lower_the_mean_out_of_fold_di
     assert choice["organs"]["bladder"]["enabled"] is False  # 0.825 < 0.9
     assert choice["organs"]["femoral_head_left"] == {"enabled": False, "dice_raw": None, "dice_largest": None,
                                                      "cases": 0}
+
+
+def test_confidence_thresholds_come_from_the_pooled_out_of_fold_cases(cv_folder, capsys):
+    calibration = json.loads((cv_folder / "confidence.json").read_text())
+    assert calibration["cases"] == [f"blob_{i}" for i in range(6)]  # every case, each out of fold once
+    assert calibration["source"].startswith("out-of-fold predictions of 2 folds (6 cases")
+    with (cv_folder / "cv_cases.csv").open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r["organ"] == "bladder"]
+    number = lambda text: float(text) if text else None
+    bladder = calibration["organs"]["bladder"]
+    assert dict(zip(bladder["case_names"], zip(bladder["confidence"], bladder["dice"]))) == {
+        r["case"]: (number(r["mean_probability"]), number(r["dice"])) for r in rows}  # Dice as post-processed
+    assert not (cv_folder / "fold_0" / "confidence.json").exists()  # the folds are not calibrated one by one
+    (cv_folder / "confidence.json").unlink()
+    assert main(["calibrate", str(cv_folder), "--device", "cpu"]) == 0  # again, from the predictions there
+    captured = capsys.readouterr()
+    assert "predicting" not in captured.err and "confidence thresholds from out-of-fold" in captured.out
+    assert json.loads((cv_folder / "confidence.json").read_text())["organs"] == calibration["organs"]
+    assert main(["calibrate", str(cv_folder), "--tta"]) == 2
+    assert "a cross-validation folder is calibrated on its out-of-fold predictions" in capsys.readouterr().err
