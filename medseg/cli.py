@@ -165,7 +165,7 @@ def train(
                                    "cases and write confidence.json: per-organ thresholds for the confidence flag "
                                    "(see `medseg calibrate`); inside --max-minutes."),
 ) -> None:
-    """Train a 3D U-Net on a dataset (default: the bundled sample data, on the CPU).
+    """Train a U-Net (3D, or 2D for a 2D task) on a dataset (default: the bundled sample data, on the CPU).
 
     Under torchrun (or with --nproc) the processes train one model together
     with DistributedDataParallel; rank 0 writes the run folder.
