@@ -243,14 +243,11 @@ def sample_field(index: int, seed: int = 0) -> Field:
 
 
 def _write_2d(array: np.ndarray, spacing_mm: tuple[float, float], path: Path) -> None:
-    """A 2D NIfTI (the array (X, Y), its pixel size in mm), written atomically."""
-    import SimpleITK as sitk
+    """A 2D NIfTI (the array (X, Y), its pixel size in mm), written atomically; any integer dtype (instance ids)."""
+    from medseg.io import Grid, from_array, write_sitk
 
-    from medseg.io import write_sitk
-
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))  # SimpleITK's arrays are (Y, X)
-    image.SetSpacing(tuple(float(s) for s in spacing_mm))
-    write_sitk(image, path)
+    grid = Grid((*array.shape, 1), (*map(float, spacing_mm), 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_sitk(from_array(array[:, :, None], grid), path)  # one slice: written back as the 2D image
 
 
 def write_cells_dataset(out: str | Path, n_train: int = 16, n_test: int = 4, seed: int = 0) -> Path:
