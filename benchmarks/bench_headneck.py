@@ -9,7 +9,8 @@ Both train at once, each on `--threads` CPU threads, under the same wall-clock `
 `--max-minutes`: preprocessing, steps, validation all count). At each `--snapshots` minute each run's
 model is kept: medseg's current weights (last.pt; its schedule is planned for the whole budget, so an
 early snapshot is a model mid-schedule, not a shorter run), the plain script's best checkpoint so
-far. Every snapshot then predicts the 33 held-out scans, and `medseg evaluate` scores them against
+far. At the end medseg's saved model (the best validated checkpoint) is scored, and beside it its last
+weights (`45min-last`): which of the two a short run should keep. Every snapshot then predicts the 33 held-out scans, and `medseg evaluate` scores them against
 the contoured organs (Dice, HD95, surface Dice at the task file's per-organ tolerances).
 
 Ablations run medseg alone with a task key changed (`--set schedule.ema_decay=0.999 --only medseg`).
@@ -131,12 +132,18 @@ def train_both(args, view: Path, task, work: Path) -> dict:
         wall.setdefault(name, time.perf_counter() - began)
         if proc.returncode:
             raise SystemExit(f"error: {name} training failed (exit {proc.returncode}); see {work / (name + '_train.out')}")
-    if "medseg" in procs:  # the end of the run: its saved model (best.pt)
+    if "medseg" in procs:  # the end of the run: its saved model (best.pt), and its last weights beside it
         final = work / "medseg" / f"{args.minutes:g}min"
         final.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "best.pt"):
             shutil.copy(medseg_run / name, final / name)
+        snapshot_medseg(medseg_run, work / "medseg" / f"{args.minutes:g}min-last")
     return wall
+
+
+def snapshot_order(folder: Path) -> tuple[float, str]:
+    """'15min' < '30min' < '45min' < '45min-last'."""
+    return float(folder.name.split("min")[0]), folder.name
 
 
 def predict_all(args, held_out: list[str], work: Path) -> dict:
@@ -147,7 +154,7 @@ def predict_all(args, held_out: list[str], work: Path) -> dict:
         script = "; ".join(shlex.join([sys.executable, "-m", "medseg", "predict", *map(str, images), "--model",
                                        str(folder), "--out", str(folder / "predictions"), "--no-overlays",
                                        "--device", "cpu", "--precision", args.precision])
-                           for folder in sorted((work / "medseg").glob("*min")))
+                           for folder in sorted((work / "medseg").glob("*min*")))
         procs.append(start(["bash", "-c", script], args.threads, work / "medseg_predict.out"))
     if args.only in (None, "plain"):
         plain_precision = "fp32" if args.precision == "fp32" else "bf16"
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = train_both(args, view, task_file(args.set, args.work), args.work)
     seconds = {"train_wall": {k: round(v, 1) for k, v in wall.items()}, **predict_all(args, held_out, args.work)}
     organs = {}
-    for folder in sorted((args.work / "medseg").glob("*min"), key=lambda p: float(p.name[:-3])):
+    for folder in sorted((args.work / "medseg").glob("*min*"), key=snapshot_order):
         organs.setdefault("medseg", {})[folder.name] = evaluate(folder / "predictions", held_out, args, folder)
     for folder in sorted((args.work / "plain" / "predictions").glob("*min"), key=lambda p: float(p.name[:-3])):
         organs.setdefault("plain", {})[folder.name] = evaluate(folder, held_out, args, args.work / "plain" / folder.name)
