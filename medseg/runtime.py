@@ -150,17 +150,20 @@ def group_norm_for_instance_norm(network: nn.Module) -> nn.Module:
 
 
 def prepare_network(network: nn.Module, device: torch.device, precision: str = "auto",
-                    training: bool = False) -> nn.Module:
+                    training: bool = False, channels_last: bool | None = None) -> nn.Module:
     """Move `network` to `device` and lay it out for speed there (in place; returns it).
 
-    On the CPU: GroupNorm kernels for instance norms, and `channels_last_3d` weights for bf16
-    inference (`training=False`). Outputs in fp32 match the unprepared network within ~1e-5.
+    On the CPU: GroupNorm kernels for instance norms, and channels-last weights where `channels_last`
+    says so; None: for bf16 inference (`training=False`) only, training measures its layout
+    (`medseg.train.budget.choose_layout`). Outputs in fp32 match the unprepared network within ~1e-5.
     """
     network.to(device)
     if device.type != "cpu":
         return network
     group_norm_for_instance_norm(network)
-    if not training and resolve_precision(precision, device) == "bf16":
+    if channels_last is None:
+        channels_last = not training and resolve_precision(precision, device) == "bf16"
+    if channels_last:
         planar = not any(p.dim() == 5 for p in network.parameters())  # a 2D network (`networks.Planar`)
         network.to(memory_format=torch.channels_last if planar else torch.channels_last_3d)
     return network

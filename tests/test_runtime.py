@@ -67,10 +67,13 @@ def test_group_norm_swap_keeps_state_dict_and_values():
     pytest.param("auto", False, True, id="bf16-inference"),
     pytest.param("auto", True, False, id="bf16-training"),
     pytest.param("fp32", False, False, id="fp32-inference"),
+    pytest.param("fp32", True, True, id="fp32-training-measured-channels-last"),
 ])
 def test_memory_format_follows_precision_and_use(monkeypatch, precision, training, channels_last):
+    """The default layout, or the one a training run measured (`channels_last=` given)."""
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    network = prepare_network(tiny_dynunet(), CPU, precision, training=training)
+    asked = channels_last if (training and precision == "fp32") else None
+    network = prepare_network(tiny_dynunet(), CPU, precision, training=training, channels_last=asked)
     conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) is channels_last
 

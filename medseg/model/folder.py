@@ -37,9 +37,14 @@ class RunConfig:
     fingerprint: dict[str, Any] = field(default_factory=dict)  # the training set's (medseg.data.fingerprint)
     epochs: int = 0  # planned epochs (the task's schedule unless overridden)
     max_minutes: float | None = None  # time budget; None: run every epoch
-    network_choice: dict[str, Any] = field(default_factory=dict)  # how the budget chose the width, if it did
+    network_choice: dict[str, Any] = field(default_factory=dict)  # the width and training layout, and why
     medseg_version: str = __version__
     created: str = field(default_factory=lambda: datetime.now().isoformat(timespec="seconds"))
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether training runs with channels-last weights (measured when the run was planned)."""
+        return bool(self.network_choice.get("layout", {}).get("channels_last", False))
 
     def to_dict(self) -> dict:
         """Plain JSON data; `from_dict` reads it back to an equal RunConfig."""

@@ -44,7 +44,7 @@ from medseg.model.networks import build_network, plan_network
 from medseg.runtime import prepare_network, resolve_device, resolve_precision
 from medseg.train.runfolder import (MetricsTable, TensorBoard, make_logger, rng_state, set_rng_state,
                                     silent_logger)
-from medseg.train.budget import Budget, Plan, choose_width, make_plan
+from medseg.train.budget import Budget, Plan, choose_layout, choose_width, make_plan
 from medseg.train.steps import Progress, WeightAverage, learning_rate, make_loss, make_optimizer, train_one_epoch
 from medseg.train.transfer import check_options, freeze_for_epoch, start_weights
 from medseg.train.validation import ValidationCost, measure_validation, validate
@@ -114,15 +114,15 @@ def _new_config(options: TrainOptions) -> RunConfig:
     if any(p % d for p, d in zip(task.patch_size, plan.divisor)):
         raise InputError(f"patch_size {task.patch_size} must be a multiple of {plan.divisor} for this network")
     minutes = options.max_minutes if options.max_minutes is not None else task.schedule.max_minutes
-    choice = {}
+    device, choice = resolve_device(options.device), {"filters": list(plan.filters)}
+    precision = resolve_precision(options.precision, device)  # the layout and the width are timed in it
     if task.schedule.target_steps and minutes:  # the widest network the budget trains far enough
-        device = resolve_device(options.device)
-        plan, choice = choose_width(task, plan_for, minutes * 60, device, resolve_precision(options.precision, device))
+        plan, choice = choose_width(task, plan_for, minutes * 60, device, precision)
         task = replace(task, network=replace(task.network, filters=plan.filters))
     return RunConfig(task=task, preprocessing=prep, network=plan, split=split, data=str(Path(data).resolve()),
                      folds={"folds": options.folds, "fold": options.fold, "seed": options.seed},
                      fingerprint=fingerprint, epochs=options.epochs or task.schedule.epochs, max_minutes=minutes,
-                     network_choice=choice)
+                     network_choice={**choice, "layout": choose_layout(plan, task, device, precision)})
 
 
 def _open_run(options: TrainOptions) -> tuple[Path, RunConfig]:
@@ -242,7 +242,7 @@ def _start(options: TrainOptions, world: World, budget: Budget) -> _Training:
     log.info(f"{task.name}: {len(config.split['train'])} training / {len(config.split['validation'])} validation "
              f"cases from {config.data}{shared}; spacing {config.preprocessing.spacing} mm, patch {task.patch_size}, "
              f"{plan.name} {plan.filters}; preprocessed in {preprocessing_seconds:.1f} s on {device} ({precision})")
-    network = prepare_network(build_network(plan), device, precision, training=True)
+    network = prepare_network(build_network(plan), device, precision, training=True, channels_last=config.channels_last)
     freeze_epochs = start_weights(network, folder, plan.name, options.init_weights, options.freeze_encoder_epochs,
                                   options.resume, log, world.is_main)
     run = _Training(folder, config, world, precision, log, network, network, make_optimizer(task, network),

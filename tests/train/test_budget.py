@@ -87,6 +87,27 @@ def test_the_budget_chooses_the_widest_network_that_trains_far_enough(tiny_datas
     assert ("falls short" in record["reason"]) == (target > 1)
 
 
+def test_the_training_layout_is_the_one_measured_faster(tiny_dataset, tmp_path):
+    """Both layouts are timed; the run trains, saves and reloads in the chosen one."""
+    import torch
+
+    from medseg.model.folder import read_run_config
+    from medseg.train.budget import LAYOUT_GAIN
+
+    root, task = tiny_dataset
+    folder = fit(TrainOptions(task=task, data=root, out=tmp_path / "run", epochs=1, precision="fp32"))
+    config = read_run_config(folder)
+    layout = config.network_choice["layout"]
+    seconds = layout["step_seconds"]
+    assert set(seconds) == {"contiguous", "channels_last"} and min(seconds.values()) > 0
+    assert layout["channels_last"] == (seconds["contiguous"] >= LAYOUT_GAIN * seconds["channels_last"])
+    assert config.channels_last == layout["channels_last"]
+    assert ("channels_last layout" if config.channels_last else "contiguous layout") in layout["reason"]
+    assert "layout" in json.loads((folder / "plan.json").read_text())["network"]
+    state = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
 # The 45-minute head-and-neck run (one thread, bf16): 51 s preprocessing + a 31 s first epoch, 0.578 s a
 # step, 50 steps an epoch; validation measured 16.2 s for 5 cases on the full grid (3.24 s a case).
 HEADNECK = {"device": "cpu", "precision": "bf16", "preprocessing_seconds": 51.0, "validation_cases": 12}
