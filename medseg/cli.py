@@ -244,7 +244,8 @@ def predict(
                              "(a run folder, or a cross-validation folder whose every fold is trained)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     fast: bool = typer.Option(False, "--fast", help="Lower window overlap: faster, slightly less smooth."),
-    tta: bool = typer.Option(False, "--tta", help="Test-time flips (paired organs swapped on left-right flips)."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time flips along the axes the task trains flips along "
+                             "(paired organs swapped on left-right flips)."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-organ probability maps."),
     reference: Optional[List[Path]] = typer.Option(None, "--reference", "-r", help="Reference label map(s) or folder: also write metrics."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay PNGs for review."),

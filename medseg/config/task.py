@@ -64,6 +64,9 @@ class ElasticAug:
     max_displacement: float = 5.0  # mm
 
 
+PATIENT_AXES = {"LR": 0, "AP": 1, "SI": 2}  # a patient axis -> its array axis in the RAS volumes medseg holds
+
+
 @dataclass(frozen=True)
 class FlipAug:
     p: float = 0.5
@@ -204,6 +207,11 @@ class Task:
             if label.name == name:
                 return label.id
         raise ConfigError(f"task '{self.name}' has no organ named '{name}' (organs: {', '.join(self.label_names.values())})")
+
+    def flip_axes(self) -> tuple[int, ...]:
+        """The array axes (RAS: 0 left-right, 1 front-back, 2 head-foot) that training flips along: the
+        only mirror images a model has seen, and so the only ones test-time flips may show it."""
+        return tuple(PATIENT_AXES[a] for a in self.augmentation.flip.axes) if self.augmentation.flip else ()
 
     def mirrored_order(self) -> tuple[int, ...]:
         """Label and channel order after a left-right flip: entry i is the partner of organ i (itself if

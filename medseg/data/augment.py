@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torchio as tio
 
-from medseg.config import Task
+from medseg.config import PATIENT_AXES, Task
 from medseg.data.partial import CONTOURED, set_contoured
 
 
@@ -89,7 +89,7 @@ def build_augmentation(task: Task) -> tio.Transform | None:
     if aug.flip:
         if "LR" in aug.flip.axes:
             steps.append(flip_left_right(task.mirrored_order(), p=aug.flip.p))
-        other = tuple({"AP": 1, "SI": 2}[a] for a in aug.flip.axes if a != "LR")
+        other = tuple(axis for axis in task.flip_axes() if axis != PATIENT_AXES["LR"])
         if other:
             steps.append(tio.RandomFlip(axes=other, flip_probability=aug.flip.p))
     if aug.noise:

@@ -154,7 +154,7 @@ class EnsemblePredictor:
             volume = normalize_(hu if last else hu.clone(), bundle.preprocessing)
             window = {"roi": bundle.plan.patch_size, "overlap": member.overlap, "sw_batch_size": settings.sw_batch_size,
                       "blending": settings.blending, "device": bundle.device, "precision": bundle.precision}
-            for axes in flips_for(volume.shape[1:], member.tta):
+            for axes in flips_for(volume.shape[1:], member.tta, member.task.flip_axes()):
                 logits = flipped_logits(bundle.network, volume, member.task.mirrored_order(), [axes], **window)
                 accumulator.add(softmax_(logits))
             del volume

@@ -139,13 +139,13 @@ class Predictor:
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """(C, X, Y, Z) preprocessed -> (K, X, Y, Z) logits (with test-time flips: their mean)."""
-        flips = flips_for(image.shape[1:], self.tta)
+        flips = flips_for(image.shape[1:], self.tta, self.task.flip_axes())
         return flipped_logits(self.bundle.network, image, self.task.mirrored_order(), flips, **self._window())
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """(C, X, Y, Z) preprocessed -> (K, X, Y, Z) class probabilities (with test-time flips: the mean of
         each flip's softmax, as an ensemble averages its members)."""
-        flips = flips_for(image.shape[1:], self.tta)
+        flips = flips_for(image.shape[1:], self.tta, self.task.flip_axes())
         return flipped_probabilities(self.bundle.network, image, self.task.mirrored_order(), flips, **self._window())
 
     def predict(self, image: str | Path | Sequence[str | Path] | tuple[np.ndarray, Grid],

@@ -13,14 +13,16 @@ import torch
 
 from medseg.infer.stitching import sliding_window_logits
 
-FLIPS = [(), (0,), (1,), (2,)]  # the copies: the scan as it is, and mirrored along each axis in turn
-
-
-def flips_for(shape: Sequence[int], tta: bool) -> list[tuple[int, ...]]:
+def flips_for(shape: Sequence[int], tta: bool, axes: Sequence[int] = (0, 1, 2)) -> list[tuple[int, ...]]:
     """The copies to average for an (X, Y, Z) volume: the volume alone, or with `tta` also its mirror along
-    each axis longer than one voxel; mirroring a 2D image's singleton axis (X, Y, 1) would give the same
-    picture again and cost a whole inference pass."""
-    return [axes for axes in FLIPS if not axes or (tta and shape[axes[0]] > 1)]
+    each of `axes` longer than one voxel.
+
+    `axes` are those training flipped along (`Task.flip_axes`): a head-and-neck model that only ever saw
+    left-right mirrors would be shown an upside-down head by a head-foot flip, and its guess there would
+    be averaged in (nnU-Net likewise mirrors only the axes it trained with). Mirroring a 2D image's
+    singleton axis (X, Y, 1) would give the same picture again and cost a whole inference pass.
+    """
+    return [()] + [(axis,) for axis in sorted(axes) if tta and shape[axis] > 1]
 
 
 def softmax_(logits: torch.Tensor) -> torch.Tensor:

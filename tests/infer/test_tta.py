@@ -48,5 +48,20 @@ def test_tta_mirrors_only_axes_longer_than_one_voxel(shape, copies):
     network = Counting()
     predictor = oracle_predictor((1.0, 1.0, 1.0), network, tta=True, patch=shape)  # one window per copy
     result = predictor.predict((labels[None], grid))
-    assert network.windows == copies
+    assert network.windows == 2  # the prostate task trains left-right flips only: the scan and that mirror
     assert np.array_equal(result.labels, labels.astype(np.uint8))
+
+@pytest.mark.parametrize("task, flips", [
+    pytest.param("prostate", [(), (0,)], id="trained-left-right-only"),
+    pytest.param("cells", [(), (0,), (1,)], id="trained-both-in-plane-axes"),
+])
+def test_tta_shows_the_model_only_the_mirrors_it_trained_on(task, flips):
+    """A model trained with left-right flips alone never saw an upside-down scan: no head-foot copy."""
+    from medseg.config import load_task
+
+    assert flips_for((24, 20, 8), tta=True, axes=load_task(task).flip_axes()) == flips
+    network = Counting()
+    grid = make_grid("RAS", shape=(16, 16, 16), spacing=(1.0, 1.0, 1.0))
+    predictor = oracle_predictor((1.0, 1.0, 1.0), network, tta=True, patch=(16, 16, 16))  # the prostate task
+    predictor.predict((np.zeros((1, 16, 16, 16), np.float32), grid))
+    assert network.windows == 2  # the scan and its left-right mirror
