@@ -149,7 +149,7 @@ def calibrate_rows(rows: Sequence[Mapping], organs: Sequence[str], source: str, 
     return {"rule": RULE, "score": CONFIDENCE_SCORE, "bad_dice": BAD_DICE, "quantile": QUANTILE,
             "min_good_cases": MIN_GOOD_CASES, "max_threshold": MAX_THRESHOLD, "default": LOW_CONFIDENCE,
             "source": source, "tta": tta, "cases": sorted({r["case"] for r in rows}),
-            "seconds": None if seconds is None else round(seconds, 1), "organs": chosen}
+            "seconds": None if seconds is None else round(seconds, 3), "organs": chosen}
 
 
 def write_calibration(data: Mapping, folder: str | Path) -> Path:
