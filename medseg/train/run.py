@@ -331,7 +331,7 @@ def _epoch(run: _Training, loss_fn, show_bar: bool) -> bool:
     progress.epoch += 1
     if run.plan is None and step_seconds:
         _make_plan(run, step_seconds)
-    done = progress.epoch >= run.config.epochs or run.fraction() >= 1.0
+    done = progress.finished = progress.epoch >= run.config.epochs or run.fraction() >= 1.0
     due = progress.epoch % run.validate_every == 0 and world.max(float(run.budget.fits(run.validation_seconds))) > 0
     validation_start = time.perf_counter()
     scores = _validate(run) if done or due else {}
@@ -379,14 +379,14 @@ def fit(options: TrainOptions, world: World | None = None) -> Path:
         _measure_validation(run)
     show_bar = sys.stderr.isatty() and world.is_main
     try:
-        done = run.progress.epoch >= run.config.epochs or run.fraction() >= 1.0
+        more = options.epochs or options.max_minutes  # a finished run, resumed, re-plans only when given more
+        done = (run.progress.finished and not more) or run.progress.epoch >= run.config.epochs or run.fraction() >= 1
         while not done:
             done = _epoch(run, loss_fn, show_bar)
     except KeyboardInterrupt:
         if world.is_main:  # no collective here: the other ranks may be gone; they start new streams on resume
             run.checkpoint("last.pt", [rng_state()])
-        run.log.info(f"interrupted: saved {run.folder / 'last.pt'}; continue with "
-                     f"`medseg train --resume --out {run.folder}`")
+        run.log.info(f"interrupted: saved {run.folder / 'last.pt'}; continue: `medseg train --resume --out {run.folder}`")
         raise
     finally:
         if run.board is not None:

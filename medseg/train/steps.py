@@ -54,6 +54,7 @@ class Progress:
     seconds: float = 0.0  # seconds spent in optimisation steps
     best_dice: float = -1.0
     wall_seconds: float = 0.0  # wall-clock seconds of the whole run so far (the budget's clock)
+    finished: bool = False  # its last epoch ran: a resume trains on only when given more epochs or minutes
 
 
 class WeightAverage:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,26 @@ def test_loss_falls_and_a_killed_run_resumes(tiny_dataset, tmp_path):
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 8 and state["progress"]["step"] == 40
     assert not list(out.glob(".*.tmp*"))  # no half-written checkpoint left behind
+
+
+def test_a_finished_run_resumed_trains_on_only_when_given_more(tiny_model, tiny_dataset, tmp_path):
+    """A run that ended before its epochs (its budget spent) is finished: `--resume`, and `--fold all` over
+    folds trained side by side, leave it as it is; more epochs or minutes on the command line continue it."""
+    from medseg.train import TrainOptions, fit
+
+    root, task = tiny_dataset
+    run = tmp_path / "ended"
+    shutil.copytree(tiny_model, run)
+    config = json.loads((run / "config.json").read_text())
+    config["epochs"] = 5  # as if the time budget had ended the run after 2 of 5 epochs
+    (run / "config.json").write_text(json.dumps(config))
+    assert torch.load(run / "last.pt", weights_only=True)["progress"]["finished"] is True
+
+    fit(TrainOptions(task=task, data=root, out=run, resume=True))
+    assert [int(r["epoch"]) for r in read_metrics(run)] == [1, 2]
+    fit(TrainOptions(task=task, data=root, out=run, resume=True, epochs=3))
+    assert [int(r["epoch"]) for r in read_metrics(run)] == [1, 2, 3]
+    assert torch.load(run / "last.pt", weights_only=True)["progress"]["finished"] is True
 
 
 def test_existing_run_is_not_overwritten(tiny_model, tiny_dataset):
