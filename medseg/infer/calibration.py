@@ -26,10 +26,9 @@ case that came out well, at the cost of ~10 % of good cases flagged, which the p
 the flagged below Dice 0.7) affords. Fewer than three good cases cannot place a percentile, so the
 global default stands in for it there. A threshold of 1 would flag every case, hence the 0.99 cap.
 
-Caveat: a cross-validation folder predicts with the ensemble of its folds, but is calibrated on single
-folds' out-of-fold confidences (no case is unseen by the whole ensemble). Averaged probabilities have a
-lower top probability per voxel than the members' mean (max of a mean <= mean of maxes), so the
-ensemble's confidence runs a little lower and it flags somewhat more than the calibration suggests.
+A cross-validation folder predicts with the ensemble of its folds but is calibrated on single folds'
+out-of-fold confidences (no case is unseen by the whole ensemble); an ensemble's confidence is therefore
+the members' mean of their own (`medseg.infer.uncertainty`), on the scale the thresholds were chosen on.
 """
 
 from __future__ import annotations

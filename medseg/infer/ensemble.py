@@ -35,7 +35,7 @@ from medseg.errors import InputError
 from medseg.infer.predictor import Predictor, Segmentation, load_model
 from medseg.infer.resample import to_scan
 from medseg.infer.tta import flipped_logits, flips_for, softmax_
-from medseg.infer.uncertainty import Accumulator, organ_confidence, to_scan_grid
+from medseg.infer.uncertainty import Accumulator, to_scan_grid
 from medseg.io import Grid, read_image
 from medseg.model.folder import CONFIG_NAME, read_folder_json
 
@@ -147,7 +147,7 @@ class EnsemblePredictor:
 
     def _average(self, hu: torch.Tensor) -> Accumulator:
         """Every member's softmax on the same windows of `hu` ((C, X, Y, Z), the scan's units), summed."""
-        accumulator = Accumulator(with_entropy=self.uncertainty)
+        accumulator = Accumulator(with_entropy=self.uncertainty, organs=self.task.label_names)
         for index, member in enumerate(self.members):
             bundle, settings = member.bundle, member.task.inference
             last = index == len(self.members) - 1
@@ -182,7 +182,7 @@ class EnsemblePredictor:
 
         start = time.perf_counter()
         maps = accumulator.maps(mean) if self.uncertainty else (None, None)
-        confidence = organ_confidence(mean, self.task.label_names, maps[0])
+        confidence = accumulator.confidence(mean, maps[0])
         uncertainty, disagreement = (None if m is None else to_scan_grid(m, box, model, grid) for m in maps)
         if self.uncertainty:
             seconds["uncertainty"] = time.perf_counter() - start

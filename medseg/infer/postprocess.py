@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from medseg.geometry import label_boxes
+from medseg.geometry import label_boxes, label_pieces
 
 
 def keep_largest_component(labels: np.ndarray, label_ids: Iterable[int], in_place: bool = False,
@@ -40,12 +40,11 @@ def _keep_largest_piece(labels: np.ndarray, label_id: int, box: tuple[slice, ...
     """Clear all but the largest piece of one organ inside its box; returns the piece sizes, largest first."""
     # cc3d labels an organ's box ~9x faster than scipy.ndimage.label (0.03 vs 0.24 s for a bladder's
     # 434 x 288 x 200 box), with the same pieces (26-connectivity).
-    import cc3d
     import torch
 
     region = labels[box]
     organ = region == label_id
-    pieces = cc3d.connected_components(organ, connectivity=26, out_dtype=np.uint32)
+    pieces = label_pieces(organ)
     # torch counts the piece ids as they are (int32 view: far fewer than 2**31 pieces); numpy's
     # bincount would first copy them to int64
     sizes = torch.bincount(torch.from_numpy(pieces.ravel(order="K").view(np.int32)))

@@ -38,3 +38,18 @@ def test_in_place_changes_the_given_mask_and_matches_the_copy():
     np.testing.assert_array_equal(labels, copied)
     assert np.count_nonzero(labels == 2) == 80  # the 5x4x4 piece, not the 2x2x2 one
     assert keep_largest_component(labels, [9])[0, 0, 0] == 0  # an organ absent from the mask
+
+
+def test_an_organ_of_a_few_voxels_in_one_row():
+    """Seen on a held-out head-and-neck CT: an esophagus of two voxels, one apart in one row. Its box is
+    1 x 1 x 3, where cc3d 4.1 alone fails ("Label 2 cannot be mapped to union-find array of length 2")."""
+    from medseg.geometry import piece_sizes
+
+    labels = np.zeros((6, 5, 7), np.uint8)
+    labels[3, 2, [1, 3]] = 5
+    labels[1, 1:4, 1] = 1  # a column one voxel thick in two axes, in one piece
+    assert piece_sizes(labels[3:4, 2:3, 1:4] == 5).tolist() == [1, 1]
+    assert piece_sizes(labels[1:2, 1:4, 1:2] == 1).tolist() == [3]
+    out = keep_largest_component(labels, [5, 1])
+    assert np.count_nonzero(out == 5) == 1 and np.count_nonzero(out == 1) == 3
+    assert piece_sizes(np.array([[True, False, True]])).tolist() == [1, 1]  # a 2D image's row

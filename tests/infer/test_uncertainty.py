@@ -62,6 +62,30 @@ def test_organ_confidence_is_the_mean_probability_where_the_organ_wins():
     assert scores["a"]["one_minus_entropy"] == pytest.approx(1 - float(h[:2].mean()), abs=1e-4)
 
 
+def test_an_ensembles_confidence_is_its_members_mean_on_their_own_scale():
+    # member 1: organ a wins voxel 0 with 0.9 and voxel 1 with 0.6; member 2: a voxel 0 with 0.7, b voxel 2
+    first = probabilities([0.1, 0.9, 0.0], [0.4, 0.6, 0.0], [0.9, 0.1, 0.0])
+    second = probabilities([0.3, 0.7, 0.0], [0.6, 0.4, 0.0], [0.3, 0.0, 0.7])
+    organs = {1: "a", 2: "b"}
+    ensemble = Accumulator(with_entropy=False, organs=organs)
+    ensemble.add(first.clone()), ensemble.add(second.clone())
+    mean = ensemble.mean_()
+    scores = ensemble.confidence(mean)
+    assert organ_confidence(mean, organs)["a"]["mean_probability"] == pytest.approx(0.8)  # p̄, where a wins in it
+    assert scores["a"]["mean_probability"] == pytest.approx((0.75 + 0.7) / 2)  # each member where it predicts a
+    assert scores["b"]["mean_probability"] is None  # b wins nowhere in the mean: no confidence, whatever member 2 says
+    assert organ_confidence(second, organs)["b"]["mean_probability"] is not None
+
+    one = Accumulator(with_entropy=False, organs=organs)
+    one.add(first.clone())
+    assert one.confidence(one.mean_()) == organ_confidence(first, organs)  # a single model: unchanged
+
+    absent = Accumulator(with_entropy=False, organs=organs)
+    absent.add(first.clone()), absent.add(probabilities([0.6, 0.4, 0.0], [0.9, 0.1, 0.0], [0.9, 0.0, 0.1]))
+    mean = absent.mean_()  # a still wins voxel 0 (p̄ 0.65); member 2 predicts it nowhere: counts as 0
+    assert absent.confidence(mean)["a"]["mean_probability"] == pytest.approx(0.75 / 2)
+
+
 def test_a_map_goes_to_the_scans_exact_grid():
     grid = make_grid("oblique", shape=(30, 26, 12), spacing=(1.2, 1.1, 2.5))
     model = model_grid((2.0, 2.0, 3.0), grid)
