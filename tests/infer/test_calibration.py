@@ -48,6 +48,10 @@ PROSTATE = load_task("prostate")
     pytest.param([None, 0.9, 0.95, 0.93], [0.0, None, 0.9, 0.8], None, "2 case(s), none bad",
                  id="not-predicted-or-absent-left-out"),
     pytest.param([], [], None, "no validation case", id="no-case"),
+    pytest.param([0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 0.93, 0.94, 0.95], [0.1, 0.2, 0.3, 0.4, 0.45, 0.3, 0.9, 0.9, 0.9],
+                 0.946, "90th percentile of 6 case(s) with Dice < 0.5 (0.945)", id="many-failures-a-percentile"),
+    pytest.param([0.99, 0.92, 0.93, 0.94], [0.6, 0.9, 0.8, 0.75], 0.923, "10th percentile of 3 good cases (0.922)",
+                 id="a-middling-case-is-no-failure"),
 ])
 def test_the_rule_on_hand_made_cases(confidences, dices, threshold, basis):
     chosen, why = organ_threshold(confidences, dices)
