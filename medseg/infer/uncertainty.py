@@ -57,14 +57,19 @@ class Accumulator:
 
     def add(self, probabilities: torch.Tensor) -> None:
         """Add one member's (K, X, Y, Z) softmax; the first one is kept as the sum itself (no copy)."""
-        member = entropy(probabilities) if self.with_entropy or self.organs else None
-        if self.organs:
-            scale = math.log(max(probabilities.shape[0], 2))
-            self.member_scores.append(organ_confidence(probabilities, self.organs, member / scale))
+        member = entropy(probabilities) if self.with_entropy else None
+        if self.organs and self.count:  # two members or more: each one's own scores (a single model needs none)
+            if self.count == 1:  # the first member's, while the sum still is its probabilities
+                self.member_scores.append(self._scores(self.total, self.entropy_total))
+            self.member_scores.append(self._scores(probabilities, member))
         if self.with_entropy:
             self.entropy_total = member if self.entropy_total is None else self.entropy_total.add_(member)
         self.total = probabilities if self.total is None else self.total.add_(probabilities)
         self.count += 1
+
+    def _scores(self, probabilities: torch.Tensor, nats: torch.Tensor | None) -> dict[str, dict]:
+        scale = math.log(max(probabilities.shape[0], 2))
+        return organ_confidence(probabilities, self.organs, None if nats is None else nats / scale)
 
     def confidence(self, mean: torch.Tensor, uncertainty: torch.Tensor | None = None) -> dict[str, dict]:
         """Per organ predicted in `mean`: its confidence (module docstring), from the members' own scores."""
