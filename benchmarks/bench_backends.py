@@ -6,14 +6,18 @@ Variants, each built as `medseg predict` builds it (`medseg.infer.predictor.load
 - `torch_fp32`, `torch_bf16`: medseg's torch path (`runtime.prepare_network`; bf16 autocast and
   channels-last where the CPU has bf16 units). `torch_fp32` is today's default on a CPU without bf16,
   `torch_bf16` where it has them;
-- `openvino_f32`, `openvino_bf16`: `--backend openvino` (bf16 only where the CPU has bf16 units).
+- `openvino_f32`, `openvino_bf16`: `--backend openvino` (bf16 only where the CPU has bf16 units);
+- `openvino_int8` (`--int8`): `--precision int8`, for each model whose `medseg quantize` check passed
+  (`<model>/openvino/int8.json`; a model without one, or refused, is listed under `int8` with the reason).
 
 Parts:
 - `window`: seconds per window, forward passes of batches of `sw_batch_size` windows, per model; max
-  |logit - torch fp32| on the same batch. With `--avx2` the same again in a subprocess with
-  `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` (fp32 only), standing for a CPU without AVX-512
-  and bf16: both torch's and OpenVINO's convolutions then run AVX2 kernels (OpenVINO's norm kernels do not
-  follow that setting).
+  |logit - torch fp32| on the same batch; which kernels OpenVINO compiled (`openvino_kernels`). With
+  `--isa avx2` (or `--avx2`) the same again in a subprocess with `ONEDNN_MAX_CPU_ISA=AVX2
+  ATEN_CPU_CAPABILITY=avx2` (fp32 and int8 only), standing for a CPU without AVX-512 and bf16: torch's
+  convolutions and OpenVINO's (oneDNN: `brgconv_avx2`, int8 `jit_avx2_I8`) then run AVX2 kernels, but
+  OpenVINO's own kernels (instance norm `MVN`, `FakeQuantize`, eltwise) stay AVX-512: OpenVINO has no
+  setting that holds its plugin to AVX2, so its AVX2 figures are an upper bound.
 - `e2e`: `Predictor.predict` from the file to the mask on the scan's grid (read, preprocess, inference,
   way back, largest piece; output files are the same work for every variant and are left out) on the
   first sample test scan of the prostate model's task and on an adult-sized 512 x 512 x `--slices`
@@ -29,6 +33,7 @@ Timing: `--threads` (default 1) for torch and OpenVINO alike; variants interleav
 absolute times. Prints JSON and writes benchmarks/results/backends.json (`--out`).
 
     python benchmarks/bench_backends.py --prostate-model RUN [--headneck-model RUN] [--parts window e2e ...]
+        [--int8] [--isa avx2]
 """
 
 from __future__ import annotations
@@ -125,6 +130,7 @@ def bench_window(folder: Path, bf16: bool, repeats: int, extra: dict | None = No
                                                    for n, b in bundles.items()},
         "logit_range_torch_fp32": round(float(reference.abs().max()), 2),
         "speedup": speedups(best),
+        "openvino_kernels": {n: b.network.kernels() for n, b in bundles.items() if b.backend == "openvino"},
     }
 
 
@@ -133,22 +139,29 @@ def speedups(best: dict[str, float]) -> dict[str, float]:
     everything against today's default (`torch_bf16` where the CPU has bf16, else `torch_fp32`)."""
     default = "torch_bf16" if "torch_bf16" in best else "torch_fp32"
     ratios = {"openvino_f32_over_torch_fp32": best["torch_fp32"] / best["openvino_f32"]}
+    if "openvino_int8" in best:
+        ratios["openvino_int8_over_openvino_f32"] = best["openvino_f32"] / best["openvino_int8"]
     if "openvino_bf16" in best:
         ratios["openvino_bf16_over_torch_bf16"] = best["torch_bf16"] / best["openvino_bf16"]
     ratios.update({f"{name}_over_default_{default}": best[default] / t for name, t in best.items() if name != default})
     return {k: round(v, 3) for k, v in ratios.items()}
 
 
-def avx2_subprocess(args: argparse.Namespace) -> dict:
-    """The window part again with oneDNN and ATen held to AVX2 (fp32 only)."""
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}  # --isa: as on an AVX2-only CPU
+
+
+def isa_subprocess(args: argparse.Namespace) -> dict:
+    """The window part again in a subprocess with oneDNN and ATen held to `args.isa` (fp32 and int8 only)."""
+    env = ISA_ENV[args.isa]
     command = [sys.executable, __file__, "--parts", "window", "--no-bf16", "--no-write", "--repeats",
                str(args.repeats), "--threads", str(args.threads), "--prostate-model", str(args.prostate_model)]
     if args.headneck_model:
         command += ["--headneck-model", str(args.headneck_model)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    if args.int8:
+        command += ["--int8"]
+    done = subprocess.run(command, env=dict(os.environ, **env), capture_output=True, text=True, check=True)
     result = json.loads(done.stdout)
-    return {"env": "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2", "window": result["window"]}
+    return {"env": " ".join(f"{k}={v}" for k, v in env.items()), "window": result["window"]}
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -221,14 +234,9 @@ def test_cases(folder: Path, count: int, data: Path | None = None, names: list[s
     return [found[name] for name in wanted]
 
 
-def dice_per_organ(reference: np.ndarray, predicted: np.ndarray, organs: dict[int, str]) -> dict[str, float]:
-    from medseg.evaluate.metrics import confusion, dice
-
-    return {name: float(dice(*confusion(reference == i, predicted == i)[:3])) for i, name in organs.items()}
-
-
 def bench_agreement(folder: Path, bf16: bool, cases: list, extra: dict | None = None) -> dict:
     """Every variant's labels against torch fp32's, and each contoured organ's change of Dice, per case."""
+    from medseg.infer.quantize import organ_dice
     from medseg.io import read_label
 
     predictors = {name: Predictor(load(folder, backend, precision)) for name, backend, precision in variants(bf16, False)}
@@ -239,11 +247,11 @@ def bench_agreement(folder: Path, bf16: bool, cases: list, extra: dict | None = 
         organs = {i: n for i, n in all_organs.items() if case.contoured is None or n in case.contoured}
         labels = {name: predictor.predict(list(case.images)).labels for name, predictor in predictors.items()}
         base = labels.pop("torch_fp32")
-        dice32 = dice_per_organ(reference, base, organs)
+        dice32 = organ_dice(reference, base, organs)  # None: the organ is in neither
         rows[case.name] = {"dice_torch_fp32": dice32}
         for name, other in labels.items():
-            change = {k: d - dice32[k] for k, d in dice_per_organ(reference, other, organs).items()
-                      if not np.isnan(d - dice32[k])}
+            change = {k: d - dice32[k] for k, d in organ_dice(reference, other, organs).items()
+                      if d is not None and dice32[k] is not None}
             rows[case.name][name] = {"agreement": float(np.mean(other == base)), "dice_change": change}
     summary = {}
     for name in (n for n in predictors if n != "torch_fp32"):
@@ -268,54 +276,21 @@ def bench_conversion(folder: Path) -> dict:
 # ------------------------------------------------------------------------------------ int8
 
 
-def calibration_windows(folder: Path, cases: int, per_case: int) -> list[np.ndarray]:
-    """Random windows (1, C, x, y, z) of the first `cases` training scans, preprocessed as `predict` does."""
-    from medseg.data.datasets import load_dataset
-    from medseg.data.preprocess import normalize_, to_model_grid
-    from medseg.io import read_image
+def int8_variant(folder: Path) -> tuple[dict, dict]:
+    """`openvino_int8` where the model's `medseg quantize` check passed: (name -> `ModelBundle`, its check's
+    figures); ({}, {"skipped": why}) where it has none, or it was refused, or its weights changed since."""
+    from medseg.infer.quantize import record_path
 
-    config, predictor = read_run_config(folder), Predictor(load(folder, "torch", "fp32"))
-    roi, prep, rng, windows = config.network.patch_size, config.preprocessing, np.random.default_rng(0), []
-    for case in load_dataset(config.data, "train")[:cases]:
-        array, grid = read_image(list(case.images), dtype=None)
-        volume, _ = to_model_grid(array[None] if array.ndim == 3 else array, grid, prep.spacing)
-        volume = normalize_(volume[(slice(None), *predictor.body_box(volume[0]))].contiguous(), prep)
-        short = [max(0, r - n) for r, n in zip(roi, volume.shape[1:])]
-        pads = [p for d in reversed(short) for p in (d // 2, d - d // 2)]
-        volume = torch.nn.functional.pad(volume[None], pads, mode="replicate")[0] if any(short) else volume
-        for _ in range(per_case):
-            start = [int(rng.integers(0, n - r + 1)) for n, r in zip(volume.shape[1:], roi)]
-            windows.append(volume[(slice(None), *(slice(a, a + r) for a, r in zip(start, roi)))][None].numpy().copy())
-    return windows
-
-
-def int8_bundles(folder: Path, bf16: bool, cases: int = 12, per_case: int = 8) -> tuple[dict, dict]:
-    """NNCF post-training int8 quantisation (preset MIXED, fast bias correction) of the OpenVINO network,
-    calibrated on training windows; compiled with f32 (and bf16) for the layers left unquantised.
-
-    Returns:
-        (name -> `ModelBundle`, what was done).
-    """
-    import nncf
-    import openvino as ov
-
-    from medseg.infer.backends import OpenVINONetwork, convert
-
-    windows = calibration_windows(folder, cases, per_case)
-    start = time.perf_counter()
-    model = convert(plain_network(folder), windows[0].shape[1:])
-    quantised = nncf.quantize(model, nncf.Dataset(windows), subset_size=len(windows),
-                              preset=nncf.QuantizationPreset.MIXED)
-    seconds = time.perf_counter() - start
-    bundles = {}
-    for hint in ("f32", "bf16") if bf16 else ("f32",):
-        compiled = ov.Core().compile_model(quantised, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                                                              "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-        bundle = load(folder, "torch", "fp32")
-        bundle.network = OpenVINONetwork(compiled, hint, None, True, seconds)
-        bundles["openvino_int8" + ("_bf16" if hint == "bf16" else "")] = bundle
-    return bundles, {"nncf": nncf.__version__, "calibration_windows": len(windows), "training_cases": cases,
-                     "preset": "MIXED", "convert_and_quantise_s": round(seconds, 1)}
+    try:
+        bundle = load_model(folder, "cpu", precision="int8", backend="openvino")
+    except InputError as error:
+        return {}, {"skipped": str(error)}
+    record = json.loads(record_path(folder).read_text())
+    return {"openvino_int8": bundle}, {
+        "record": str(record_path(folder)), "nncf": record["nncf"], "quantisation": record["quantisation"],
+        "check_cases": record["check"]["cases"], "worst_agreement_vs_openvino_f32": record["agreement"]["worst"],
+        "worst_abs_dice_change_vs_openvino_f32": max((o["abs_dice_change"] for o in record["organs"].values()),
+                                                     default=None)}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -342,8 +317,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", type=int, default=4, help="headneck validation cases for the agreement")
     parser.add_argument("--headneck-data", type=Path, help="dataset of the headneck agreement's cases")
     parser.add_argument("--headneck-cases", nargs="+", help="their names (default: the model's validation cases)")
-    parser.add_argument("--avx2", action="store_true", help="also the window part with oneDNN held to AVX2")
-    parser.add_argument("--int8", action="store_true", help="also NNCF int8 of the prostate model (needs nncf)")
+    parser.add_argument("--isa", choices=sorted(ISA_ENV), help="also the window part in a subprocess with oneDNN and "
+                        "ATen held to this instruction set (OpenVINO's own kernels are not)")
+    parser.add_argument("--avx2", dest="isa", action="store_const", const="avx2", help="the same as --isa avx2")
+    parser.add_argument("--int8", action="store_true", help="also openvino_int8 of each model whose int8.json passed "
+                        "(`medseg quantize`)")
     parser.add_argument("--no-bf16", action="store_true", help="fp32 variants only (as on a CPU without bf16)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -365,31 +343,31 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python benchmarks/bench_backends.py " + " ".join(sys.argv[1:]), "machine": machine(args.threads),
               "repeats": args.repeats}
     log = lambda part: print(f"{part} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
-    extra = {}  # more variants of the prostate model: the int8 networks
+    extra = {name: {} for name in models}  # more variants of each model: its checked int8 network
     if args.int8:
         log("int8")
-        extra, result["int8"] = int8_bundles(args.prostate_model, bf16)
+        found = {name: int8_variant(folder) for name, folder in models.items()}
+        extra, result["int8"] = {n: f[0] for n, f in found.items()}, {n: f[1] for n, f in found.items()}
     if "conversion" in args.parts:
         log("conversion")
         result["conversion"] = {name: bench_conversion(folder) for name, folder in models.items()}
     if "window" in args.parts:
         log("window")
-        result["window"] = {name: bench_window(folder, bf16, args.repeats, extra if name == "prostate" else None)
-                            for name, folder in models.items()}
-        if args.avx2:
-            log("window, AVX2")
-            result["window_avx2"] = avx2_subprocess(args)
+        result["window"] = {name: bench_window(folder, bf16, args.repeats, extra[name]) for name, folder in models.items()}
+        if args.isa:
+            log(f"window, {args.isa}")
+            result[f"window_{args.isa}"] = isa_subprocess(args)
     if "e2e" in args.parts:
         log("e2e")
         with tempfile.TemporaryDirectory() as tmp:
             sample = list(test_cases(args.prostate_model, 1)[0].images)
             scans = {"sample_test_scan": sample, f"adult_512x512x{args.slices}": adult_scan(Path(tmp), args.slices)}
-            result["e2e"] = bench_e2e(args.prostate_model, scans, bf16, args.repeats, extra)
+            result["e2e"] = bench_e2e(args.prostate_model, scans, bf16, args.repeats, extra["prostate"])
     if "agreement" in args.parts:
         log("agreement")
         chosen = {"headneck": (args.headneck_data, args.headneck_cases)}
         result["agreement"] = {name: bench_agreement(folder, bf16, test_cases(folder, args.cases, *chosen.get(name, ())),
-                                                     extra if name == "prostate" else None)
+                                                     extra[name])
                                for name, folder in models.items()}
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=2)

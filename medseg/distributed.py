@@ -148,3 +148,29 @@ def launch(nproc: int, module_args: Sequence[str]) -> int:
         code = failed.get_first_failure()[1].exitcode
         return code if code > 0 else 1  # negative: killed by a signal
     return 0
+
+
+def train_arguments(options) -> list[str]:
+    """`medseg train` arguments that give back `options` (a `medseg.train.TrainOptions`)."""
+    import dataclasses
+
+    arguments = ["train"]
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):  # a switch: given only where it differs from its default
+            arguments += [] if value == field.default else [flag if value else "--no-" + flag[2:]]
+        elif value is not None:
+            arguments += [flag, str(value)]
+    return arguments
+
+
+def launch_training(nproc: int, options) -> int:
+    """`medseg train --nproc N`: train `options` with `nproc` processes on this machine, started by torchrun;
+    returns the exit code."""
+    import os
+
+    if torchrun_ranks(os.environ) is not None:
+        raise InputError(f"--nproc {nproc} starts torchrun, but this process already runs under torchrun; "
+                         f"leave --nproc out and use torchrun's --nproc_per_node")
+    return launch(nproc, train_arguments(options))

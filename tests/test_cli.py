@@ -225,7 +225,7 @@ def test_valid_dataset_with_two_problems_in_a_copy(dataset, capsys, tmp_path):
     assert run_main(capsys, "check-dataset", str(dataset), "-o", str(tmp_path / "fp.json"))[0] == 0
 
 
-@pytest.mark.parametrize("command", ["train", "predict"])
-def test_unknown_precision(tmp_path, capsys, command):
+@pytest.mark.parametrize("command, allowed", [("train", "auto, bf16, fp32"), ("predict", "auto, bf16, fp32, int8")])
+def test_unknown_precision(tmp_path, capsys, command, allowed):
     args = [command, "--precision", "fp16"] + ([str(tmp_path / "scan.nii.gz")] if command == "predict" else [])
-    assert_error(*run_main(capsys, *args), r"--precision 'fp16' is not one of auto, bf16, fp32")
+    assert_error(*run_main(capsys, *args), rf"--precision 'fp16' is not one of {allowed}")

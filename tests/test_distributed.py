@@ -16,8 +16,8 @@ import torch
 from torchrun_worker import weights_digest
 
 import medseg
-from medseg.cli import main, train_arguments
-from medseg.distributed import World, joined, torchrun_ranks
+from medseg.cli import main
+from medseg.distributed import World, joined, torchrun_ranks, train_arguments
 from medseg.train import TrainOptions
 
 WORKER = Path(__file__).with_name("torchrun_worker.py")

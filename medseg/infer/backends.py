@@ -7,6 +7,9 @@
   activation: on one core of an AVX512-BF16 CPU (Zen 4) `medseg predict` ran 1.2x faster than with
   torch in fp32 and 1.15x in bf16 (benchmarks/bench_backends.py, docs/performance.md).
   Optional: `pip install "medseg[openvino]"`.
+- `--precision int8` (OpenVINO only): the folder's int8 network, made by NNCF post-training quantisation
+  (`medseg quantize`) and taken only where its check against f32 on the validation cases passed
+  (`medseg.infer.quantize`); never chosen by `auto`.
 
 `auto` takes OpenVINO on the CPU wherever it is installed (it was faster in every configuration
 measured: two networks, f32 and bf16, AVX-512 and AVX2 kernels; installing the extra is the opt-in)
@@ -21,7 +24,8 @@ IR: network.xml + network.bin, f32 weights) is cached once per checkpoint in `<m
 where the key hashes the checkpoint file's bytes, the window's channels and shape and the OpenVINO
 version: a changed checkpoint gets a new key (and the stale entry is removed). The batch size is
 left dynamic (measured as fast as a fixed one) and the precision is chosen at compilation, so one
-entry serves every batch and precision. Entries are written to a temporary folder and renamed into
+entry serves every batch and precision; an int8 network lives in the entry's `int8/` folder, so it goes
+with the entry it was quantised from. Entries are written to a temporary folder and renamed into
 place. Where the model folder cannot be written the cache lives under the user's cache folder
 (`user_cache_dir`), and where neither can, the network is converted in memory on every load.
 """
@@ -43,6 +47,7 @@ import torch
 from medseg.errors import InputError
 
 BACKENDS = ("auto", "torch", "openvino")
+INT8 = "int8"  # `--precision int8`: the model's checked int8 OpenVINO network (medseg.infer.quantize); never 'auto'
 INSTALL_HINT = 'pip install "medseg[openvino]"'
 CACHE_FOLDER = "openvino"  # inside the model folder
 IR_NAME = "network.xml"  # + network.bin beside it
@@ -148,6 +153,19 @@ class OpenVINONetwork:
         inputs = batch.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self._request.infer({0: inputs})[0])  # a copy: the request reuses its buffer
 
+    def kernels(self) -> dict[str, int]:
+        """How many layers run which compiled kernel, 'layer type: kernel (precision)', e.g.
+        'Convolution: brgconv_avx512_amx_I8 (u8)': which instruction set and precision each one got."""
+        from collections import Counter
+
+        found = Counter()
+        for op in self._request.get_compiled_model().get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            text = {k: info[k].astype(str) for k in ("layerType", "primitiveType", "runtimePrecision") if k in info}
+            if text.get("layerType") not in (None, "Input", "Output", "Const"):
+                found[f"{text['layerType']}: {text.get('primitiveType')} ({text.get('runtimePrecision')})"] += 1
+        return dict(sorted(found.items()))
+
     def describe(self) -> str:
         """One line for the log: precision, and where the converted network came from."""
         source = "converted" if self.converted else "read"
@@ -194,9 +212,15 @@ def _compile(model, precision: str, cache: Path | None, converted: bool, start: 
     import openvino as ov
 
     hint = "bf16" if precision == "bf16" else "f32"
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                                                     "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    compiled = ov.Core().compile_model(model, "CPU", compile_options(hint))
     return OpenVINONetwork(compiled, hint, cache, converted, time.perf_counter() - start)
+
+
+def compile_options(hint: str) -> dict:
+    """The CPU plugin's settings: `INFERENCE_PRECISION_HINT` 'f32' or 'bf16' (for an int8 network: of the
+    layers left unquantised), latency mode, torch's thread count."""
+    return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": torch.get_num_threads()}
 
 
 def convert(network: torch.nn.Module, window: Sequence[int]):
@@ -222,16 +246,27 @@ def convert(network: torch.nn.Module, window: Sequence[int]):
 
 def cache_key(weights: Path, window: Sequence[int], version: str) -> str:
     """16 hex digits from the checkpoint's bytes, the window (C, x, y, z) and the OpenVINO version."""
-    return hashlib.sha256(json.dumps(_key_fields(weights, window, version), sort_keys=True).encode()).hexdigest()[:16]
+    return key_of(key_fields(weights, window, version))
 
 
-def _key_fields(weights: Path, window: Sequence[int], version: str) -> dict:
-    digest = hashlib.sha256()
-    with open(weights, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return {"weights_sha256": digest.hexdigest(), "window": [int(n) for n in window], "openvino": version,
+def key_fields(weights: Path, window: Sequence[int], version: str) -> dict:
+    """What a cache key hashes: the checkpoint's SHA-256, the window, the OpenVINO version, the entry format."""
+    return {"weights_sha256": file_sha256(weights), "window": [int(n) for n in window], "openvino": version,
             "format": CACHE_FORMAT}
+
+
+def key_of(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(*paths: Path) -> str:
+    """SHA-256 of the files' bytes, one after another."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _cached_model(roots: Sequence[Path], key: str):
@@ -266,14 +301,29 @@ def _store(model, roots: Sequence[Path], key: str, weights: Path) -> Path | None
 
 def _write_entry(model, root: Path, key: str, weights: Path) -> Path:
     """network.xml/.bin and key.json written in a temporary folder, then renamed to `root/key` whole."""
+    root.mkdir(parents=True, exist_ok=True)
+    about = {"weights": str(weights.resolve()), "key": key}
+    entry = save_ir(model, root / key, {"key.json": json.dumps(about, indent=2)})
+    _remove_stale(root, key, weights)
+    return entry
+
+
+def save_ir(model, entry: Path, files: dict[str, str] | None = None, replace: bool = False) -> Path:
+    """`model` as `entry`/network.xml + .bin (weights as they are: f32 stays f32) and the text `files`,
+    written in a temporary folder beside `entry` and renamed into place whole.
+
+    An `entry` already there is kept (another process's finished entry), or with `replace` swapped out.
+    """
     import openvino as ov
 
-    root.mkdir(parents=True, exist_ok=True)
-    entry = root / key
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    old = entry.parent / f"{tmp.name}.old"
     try:
         ov.save_model(model, tmp / IR_NAME, compress_to_fp16=False)  # f32 weights: fp32 results unchanged
-        (tmp / "key.json").write_text(json.dumps({"weights": str(weights.resolve()), "key": key}, indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text + "\n")
+        if replace and entry.exists():
+            os.rename(entry, old)
         try:
             os.rename(tmp, entry)
         except OSError:
@@ -281,17 +331,20 @@ def _write_entry(model, root: Path, key: str, weights: Path) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _remove_stale(root, key, weights)
+        shutil.rmtree(old, ignore_errors=True)
     return entry
 
 
 def _remove_stale(root: Path, key: str, weights: Path) -> None:
-    """Remove other entries converted from the same checkpoint path: its bytes have changed since."""
+    """Remove other entries converted from the same checkpoint: its bytes have changed since. In the model
+    folder's own cache that is any entry of a checkpoint of that name (the folder may have been moved or copied)."""
+    own = root == weights.parent / CACHE_FOLDER
     for other in root.glob("*/key.json"):
         if other.parent.name == key:
             continue
         try:
-            if json.loads(other.read_text()).get("weights") == str(weights.resolve()):
-                shutil.rmtree(other.parent, ignore_errors=True)
+            source = json.loads(other.read_text()).get("weights")
         except (OSError, ValueError):
             continue
+        if source == str(weights.resolve()) or (own and isinstance(source, str) and Path(source).name == weights.name):
+            shutil.rmtree(other.parent, ignore_errors=True)

@@ -20,7 +20,7 @@ from medseg.config import Task
 from medseg.data.preprocess import Preprocessing, normalize_, to_model_grid
 from medseg.errors import InputError
 from medseg.geometry import body_box
-from medseg.infer.backends import backend_network
+from medseg.infer.backends import INT8, backend_network
 from medseg.infer.resample import to_scan
 from medseg.infer.tta import flipped_logits, flipped_probabilities, flips_for
 from medseg.infer.uncertainty import CONFIDENCE_SCORE
@@ -43,7 +43,7 @@ class ModelBundle:
     plan: NetworkPlan
     network: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]  # windows (B, C, x, y, z) -> logits
     device: torch.device
-    precision: str = "auto"  # 'bf16' or 'fp32' once loaded; see medseg.runtime.resolve_precision
+    precision: str = "auto"  # torch's side: 'bf16' or 'fp32' once loaded (int8: 'fp32'; medseg.runtime)
     backend: str = "torch"  # what runs `network`: 'torch' or 'openvino' (medseg.infer.backends)
 
 
@@ -53,24 +53,36 @@ def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best
 
     The network is laid out for `device` and `precision` ('auto', 'bf16', 'fp32') by
     `medseg.runtime.prepare_network`, or compiled by OpenVINO (`backend`: 'auto', 'torch', 'openvino';
-    `medseg.infer.backends.backend_network`).
+    `medseg.infer.backends.backend_network`). `precision` 'int8' takes the folder's int8 OpenVINO network,
+    only where `medseg quantize` checked it and it passed (`medseg.infer.quantize.int8_network`).
     """
     folder = Path(folder)
     config = read_run_config(folder)
+    weights = checkpoint_file(folder, checkpoint)
+    torch_device = resolve_device(device)
+    window = (config.network.in_channels, *config.network.patch_size)
+    if precision == INT8:  # the checked int8 OpenVINO network; torch's side of the windows stays fp32
+        from medseg.infer.quantize import int8_network
+
+        network = int8_network(weights, window, backend, torch_device)
+        return ModelBundle(folder, config.task, config.preprocessing, config.network, network, torch_device, "fp32",
+                           "openvino")
+    network = build_network(config.network)
+    network.load_state_dict(load_checkpoint(weights)["model"])
+    precision = resolve_precision(precision, torch_device)
+    network, backend = backend_network(network, backend, torch_device, precision, weights, window)
+    return ModelBundle(folder, config.task, config.preprocessing, config.network, network, torch_device, precision,
+                       backend)
+
+
+def checkpoint_file(folder: Path, checkpoint: str = "best") -> Path:
+    """`<folder>/<checkpoint>.pt`, else last.pt: the weights `load_model` takes."""
     weights = folder / f"{checkpoint}.pt"
     if not weights.is_file():
         weights = folder / "last.pt"
     if not weights.is_file():
         raise InputError(f"{folder}: no best.pt or last.pt checkpoint (training has not saved one yet)")
-    state = load_checkpoint(weights)
-    network = build_network(config.network)
-    network.load_state_dict(state["model"])
-    torch_device = resolve_device(device)
-    precision = resolve_precision(precision, torch_device)
-    window = (config.network.in_channels, *config.network.patch_size)
-    network, backend = backend_network(network, backend, torch_device, precision, weights, window)
-    return ModelBundle(folder, config.task, config.preprocessing, config.network, network, torch_device, precision,
-                       backend)
+    return weights
 
 # ------------------------------------------------------------------------------------ predictor
 
@@ -154,19 +166,11 @@ class Predictor:
         from medseg.infer.postprocess import keep_largest_component
 
         seconds, start = {}, time.perf_counter()
-        in_memory = isinstance(image, tuple) and isinstance(image[1], Grid)
-        array, grid = image if in_memory else read_image(image, dtype=None, dimensions=self.task.dimensions)
-        if array.ndim == 3:
-            array = array[None]
-        if array.shape[0] != len(self.task.channels):
-            raise InputError(f"model expects {len(self.task.channels)} channel(s) {self.task.channels}, got {array.shape[0]}")
+        array, grid = self.read(image)
         seconds["read"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        prep = self.bundle.preprocessing
-        volume, model = to_model_grid(array, grid, prep.spacing)  # the scan's units (HU), float32
-        box = self.body_box(volume[0])
-        volume = normalize_(volume[(slice(None), *box)].contiguous(), prep)
+        volume, box, model = self.preprocess(array, grid)
         seconds["preprocess"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -186,6 +190,24 @@ class Predictor:
         seconds["postprocess"] = time.perf_counter() - start
         return Segmentation(labels, grid, self.task.label_names, kept, seconds,
                             pieces={self.task.label_names[i]: sizes.tolist() for i, sizes in pieces.items()})
+
+    def read(self, image: str | Path | Sequence[str | Path] | tuple[np.ndarray, Grid]) -> tuple[np.ndarray, Grid]:
+        """The scan as (C, X, Y, Z) voxels and its grid; its channels checked against the model's."""
+        in_memory = isinstance(image, tuple) and isinstance(image[1], Grid)
+        array, grid = image if in_memory else read_image(image, dtype=None, dimensions=self.task.dimensions)
+        if array.ndim == 3:
+            array = array[None]
+        if array.shape[0] != len(self.task.channels):
+            raise InputError(f"model expects {len(self.task.channels)} channel(s) {self.task.channels}, got {array.shape[0]}")
+        return array, grid
+
+    def preprocess(self, array: np.ndarray, grid: Grid) -> tuple[torch.Tensor, tuple[slice, ...], Grid]:
+        """(C, X, Y, Z) scan -> what the windows go over: (C, x, y, z) float32 on the model grid, normalised,
+        inside the body's box; that box and the model grid (for the way back, `medseg.infer.resample`)."""
+        prep = self.bundle.preprocessing
+        volume, model = to_model_grid(array, grid, prep.spacing)  # the scan's units (HU), float32
+        box = self.body_box(volume[0])
+        return normalize_(volume[(slice(None), *box)].contiguous(), prep), box, model
 
     def body_box(self, volume: torch.Tensor, roi: Sequence[int] | None = None) -> tuple[slice, slice, slice]:
         """Where the windows go on the model grid: around the body on a CT (`inference.crop_to_body`), at

@@ -47,3 +47,13 @@ def test_agreement_scores_only_the_organs_each_case_contoured(tiny_model, other_
     assert list(result["per_case"]["hn_1"]["dice_torch_fp32"]) == [o for o in organs if o != "rectum"]
     assert "rectum" not in result["per_case"]["hn_1"]["openvino_f32"]["dice_change"]
     assert 0.99 <= result["summary"]["openvino_f32"]["worst_agreement"] <= 1.0
+
+
+@needs_openvino
+def test_int8_variant_is_left_out_where_the_model_has_no_passed_check(tiny_model, tmp_path):
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model", ignore=shutil.ignore_patterns(".*", "openvino")))
+
+    bundles, about = bench_backends.int8_variant(model)
+
+    assert bundles == {}
+    assert about["skipped"].startswith(f"{model}: ")  # the reason `medseg predict --precision int8` gives
