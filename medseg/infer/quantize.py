@@ -101,7 +101,8 @@ def quantize_model(folder: str | Path, data: str | Path | None = None, cases: in
     fp32 = Predictor(load_model(folder, "cpu", precision="fp32", backend="openvino"))
     entry = fp32.bundle.network.cache
     if entry is None or entry.parent != folder / CACHE_FOLDER:
-        raise InputError(f"{folder / CACHE_FOLDER}: cannot be written; the int8 network and its check are kept there")
+        raise InputError(f"{folder / CACHE_FOLDER}: the f32 OpenVINO network is not cached there ({entry or 'not cached'}); "
+                         f"the int8 network and its check are kept in the model folder, which must be writable")
     calibration = training_cases(folder, config, data, calibration_cases)
     check = validation_cases(folder, data, cases)
     echo(f"{folder.name}: calibrating on {len(calibration)} training case(s), checking on {len(check)} validation case(s)")

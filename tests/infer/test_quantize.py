@@ -159,6 +159,16 @@ def test_quantize_writes_the_record_and_the_int8_network(quantized):
 
 
 @needs_nncf
+def test_quantize_needs_a_writable_model_folder(tiny_model, tmp_path, monkeypatch):
+    folder = copy_model(tiny_model, tmp_path / "model", cache=False)
+    (folder / "openvino").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the f32 network lands in the user cache
+    with pytest.raises(InputError, match=r"model/openvino: the f32 OpenVINO network is not cached there .* must be "
+                                         r"writable$"):
+        quantize_model(folder, echo=lambda line: None)
+
+
+@needs_nncf
 def test_predict_int8_uses_the_checked_network_and_writes_the_mask_on_the_scan_grid(passed_copy, tmp_path, capsys):
     scan, out = validation_scan(passed_copy), tmp_path / "out"
     name = scan.name.removesuffix(".nii.gz")
