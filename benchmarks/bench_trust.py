@@ -63,6 +63,7 @@ def organ_cases(predictor: EnsemblePredictor, checker: Checker, cases, name: str
             rows.append({"model": name, "case": case.name, "organ": organ,
                          "dice": None if math.isnan(value) else round(value, 4),
                          "confidence": (seg.confidence.get(organ) or {}).get("mean_probability"),
+                         "estimated_dice": (seg.confidence.get(organ) or {}).get("estimated_dice"),
                          "flags": [f"{f['check']}: {f['reason']}" for f in mine if f["severity"] > 0],
                          "notes": [f"{f['check']}: {f['reason']}" for f in mine if f["severity"] <= 0]})
     return rows
@@ -86,6 +87,8 @@ def flag_quality(rows: list[dict]) -> dict:
     flagged = [r for r in scored if r["flags"]]
     pairs = [(r["confidence"], r["dice"]) for r in scored if r["confidence"] is not None]
     overall = spearman(pairs)
+    # the calibration's per-organ line from expected Dice (medseg.infer.calibration), where it was fitted
+    estimates = spearman([(r["estimated_dice"], r["dice"]) for r in scored if r.get("estimated_dice") is not None])
     checks = sorted({flag.split(":")[0] for r in bad for flag in r["flags"]})
     return {"organ_cases": len(scored), "dice_below_0.5": len(bad), "flagged": len(flagged),
             "recall_dice_below_0.5": round(sum(1 for r in bad if r["flags"]) / len(bad), 3) if bad else None,
@@ -96,7 +99,8 @@ def flag_quality(rows: list[dict]) -> dict:
                                          for c in checks},
             "spearman_per_organ": {organ: spearman([(r["confidence"], r["dice"]) for r in scored
                                                     if r["organ"] == organ and r["confidence"] is not None])
-                                   for organ in dict.fromkeys(r["organ"] for r in rows)}}
+                                   for organ in dict.fromkeys(r["organ"] for r in rows)},
+            "spearman_estimated_dice": estimates["rho"], "estimate_pairs": estimates["n"]}
 
 
 def dice_table(rows: list[dict], organs: list[str]) -> dict:

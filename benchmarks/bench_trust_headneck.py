@@ -60,7 +60,8 @@ from medseg.io import write_text
 from medseg.model.folder import read_run_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trust-headneck"
-GOALS = {"recall_dice_below_0.5": 0.8, "precision_dice_below_0.7": 0.5, "spearman_confidence_dice": 0.5}
+GOALS = {"recall_dice_below_0.5": 0.8, "precision_dice_below_0.7": 0.5, "spearman_confidence_dice": 0.5,
+         "spearman_estimated_dice": 0.5}  # rho of the raw confidence, and of the calibration's estimated Dice
 ENSEMBLE = "ensemble"
 
 
@@ -242,11 +243,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {organ} | " + " | ".join(cells) + " |")
     lines += ["", "**QA flags and confidence** (goals: recall >= 0.8, precision >= 0.5, rho >= 0.5)", "",
               ("| model | organ-cases | Dice < 0.5 | flagged | recall (Dice < 0.5 flagged) | precision (flagged, "
-              "Dice < 0.7) | Spearman rho (n) |"), "|---|---|---|---|---|---|---|"]
+              "Dice < 0.7) | Spearman rho (n) | rho, estimated Dice (n) |"), "|---|---|---|---|---|---|---|---|"]
     for name, q in result["flags"].items():
         lines.append(f"| {name} | {q['organ_cases']} | {q['dice_below_0.5']} | {q['flagged']} | "
                      f"{_cell(q['recall_dice_below_0.5'])} | {_cell(q['precision_dice_below_0.7'])} | "
-                     f"{_cell(q['spearman_confidence_dice'])} ({q['confidence_pairs']}) |")
+                     f"{_cell(q['spearman_confidence_dice'])} ({q['confidence_pairs']}) | "
+                     f"{_cell(q.get('spearman_estimated_dice'))} ({q.get('estimate_pairs', 0)}) |")
     judged = result["flags"][result["judged"]]
     lines += ["", f"**Spearman rho per organ** ({result['judged']})", "", "| organ | rho | n |", "|---|---|---|"]
     lines += [f"| {organ} | {_cell(s['rho'])} | {s['n']} |" for organ, s in judged["spearman_per_organ"].items()]

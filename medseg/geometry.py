@@ -196,17 +196,23 @@ PIECE_TYPICAL_SHARE = 0.01  # ... and this share of the organ's typical size: a 
 def label_pieces(mask: np.ndarray) -> np.ndarray:
     """26-connected pieces of a boolean mask (3D, or 2D), numbered from 1 (uint32, the mask's shape).
 
-    cc3d 4.1 fails on a box that is one voxel thick in two axes with pieces along the third (an organ of
-    two voxels in one row: "Label 2 cannot be mapped to union-find array of length 2"); such a line is
-    labelled with a border of background, which changes no piece.
+    cc3d 4.1 fails on small thin boxes holding scattered voxels ("Label 2 cannot be mapped to union-find
+    array of length 2" for two voxels in one row; "maximum length exception" for five in a 1x3x5 box):
+    a box under 3 voxels thick in any axis is labelled with a border of background, which changes no
+    piece, and should cc3d still fail, scipy labels it (slower, same pieces).
     """
     import cc3d
 
     mask = np.asarray(mask, dtype=bool)
-    if sum(n > 1 for n in mask.shape) > 1:
-        return cc3d.connected_components(mask, connectivity=26, out_dtype=np.uint32)
-    inner = tuple(slice(1, -1) for _ in mask.shape)
-    return cc3d.connected_components(np.pad(mask, 1), connectivity=26, out_dtype=np.uint32)[inner]
+    thin = min(mask.shape) < 3
+    padded = np.pad(mask, 1) if thin else mask
+    try:
+        labels = cc3d.connected_components(padded, connectivity=26, out_dtype=np.uint32)
+    except RuntimeError:
+        from scipy import ndimage
+
+        labels = ndimage.label(padded, structure=np.ones((3,) * mask.ndim, bool), output=np.uint32)[0]
+    return labels[tuple(slice(1, -1) for _ in mask.shape)] if thin else labels
 
 
 def piece_sizes(mask: np.ndarray) -> np.ndarray:

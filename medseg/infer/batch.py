@@ -151,6 +151,9 @@ def write_outputs(seg: Segmentation, image, case: str, out: Path, task, options:
     row["flags"] = seg.flags  # medseg.infer.qa, worst first
     if seg.confidence:
         row["confidence"] = {organ: values.get("confidence") for organ, values in organs.items()}
+        estimates = {organ: values["estimated_dice"] for organ, values in organs.items() if "estimated_dice" in values}
+        if estimates:
+            row["estimated_dice"] = estimates
     volumes = {"case": case, "organs": organs, "flags": seg.flags, "seconds": row["seconds"]}
     write_text(json.dumps(volumes, indent=2), out / f"{case}_volumes.json")
     return row
@@ -220,10 +223,15 @@ def _print_case(row: dict, log) -> None:
     from medseg.units import readable
 
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in row["seconds"].items())
-    confidence = row.get("confidence") or {}
+    confidence, estimates = row.get("confidence") or {}, row.get("estimated_dice") or {}
     sizes, unit = (row["areas_mm2"], "mm²") if "areas_mm2" in row else (row["volumes_ml"], "mL")
-    volumes = ", ".join(f"{k} {readable(v, unit)}" + (f" (confidence {confidence[k]:.2f})" if confidence.get(k) else "")
-                        for k, v in sizes.items())
+
+    def scores(organ: str) -> str:
+        said = ([f"confidence {confidence[organ]:.2f}"] if confidence.get(organ) else []) + \
+               ([f"estimated Dice {estimates[organ]:.2f}"] if organ in estimates else [])
+        return f" ({', '.join(said)})" if said else ""
+
+    volumes = ", ".join(f"{k} {readable(v, unit)}{scores(k)}" for k, v in sizes.items())
     print(f"{row['case']}: {volumes} ({timing})", file=sys.stderr)
     if row.get("instances"):
         print(f"{row['case']}: " + ", ".join(f"{n} {k} instances" for k, n in row["instances"].items()), file=sys.stderr)

@@ -126,6 +126,8 @@ class Segmentation:
                 entry["area_mm2"] = entry["voxels"] * pixel_mm2
         for name, scores in self.confidence.items():  # with an ensemble or --uncertainty
             volumes[name]["confidence"] = scores.get(CONFIDENCE_SCORE)
+            if "estimated_dice" in scores:  # the model's calibration fitted it (medseg.infer.calibration)
+                volumes[name]["estimated_dice"] = scores["estimated_dice"]
         return volumes
 
 

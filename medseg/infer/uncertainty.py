@@ -33,7 +33,9 @@ import torch
 
 from medseg.io import Grid
 
-CONFIDENCE_SCORE = "mean_probability"  # which of `organ_confidence`'s scores is an organ's confidence
+SCORES = ("mean_probability", "one_minus_entropy", "expected_dice")  # `organ_confidence`'s scores
+CONFIDENCE_SCORE = "mean_probability"  # which of them is an organ's confidence (the QA flag's thresholds)
+ESTIMATE_SCORE = "expected_dice"  # which of them a calibration turns into an estimated Dice
 
 
 def entropy(probabilities: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,8 @@ def organ_confidence(mean: torch.Tensor, organs: dict[int, str],
         uncertainty: (X, Y, Z) normalised predictive entropy, if computed (else it is computed here).
     Returns:
         organ -> {"mean_probability": mean p̄ of the organ there, "one_minus_entropy": 1 − mean
-        normalised entropy there}; None for an organ that wins nowhere.
+        normalised entropy there, "expected_dice": 2 Σ p̄·mask / (Σ p̄ + |mask|), the Dice the mask
+        would score if the probabilities were the truth}; None for an organ that wins nowhere.
     """
     top, winner = mean.max(0)
     if uncertainty is None:
@@ -115,11 +118,13 @@ def organ_confidence(mean: torch.Tensor, organs: dict[int, str],
     counts = torch.bincount(winner, minlength=mean.shape[0]).double()
     sums = torch.bincount(winner, weights=top.flatten().double(), minlength=mean.shape[0])
     doubts = torch.bincount(winner, weights=uncertainty.flatten().double(), minlength=mean.shape[0])
+    mass = mean.flatten(1).sum(1, dtype=torch.float64)  # (K,) each class's expected voxel count
     scores = {}
     for label_id, name in organs.items():
         n = float(counts[label_id]) if label_id < len(counts) else 0.0
         scores[name] = {"mean_probability": round(float(sums[label_id]) / n, 4) if n else None,
-                        "one_minus_entropy": round(1.0 - float(doubts[label_id]) / n, 4) if n else None}
+                        "one_minus_entropy": round(1.0 - float(doubts[label_id]) / n, 4) if n else None,
+                        "expected_dice": round(2.0 * float(sums[label_id]) / (float(mass[label_id]) + n), 4) if n else None}
     return scores
 
 

@@ -261,7 +261,7 @@ def summarise(folder: str | Path, device: str = "auto", precision: str = "auto",
               echo: Callable[[str], None] = print) -> dict:
     """Out-of-fold predictions, the post-processing choice and the summary files of a cross-validation folder."""
     from medseg.infer.ensemble import POSTPROCESSING_NAME
-    from medseg.infer.uncertainty import CONFIDENCE_SCORE
+    from medseg.infer.uncertainty import CONFIDENCE_SCORE, SCORES
 
     folder = Path(folder)
     results = predict_out_of_fold(folder, device, precision, echo)
@@ -274,7 +274,7 @@ def summarise(folder: str | Path, device: str = "auto", precision: str = "auto",
     summary = {"task": task.name, "folds": len(per_fold), "cases": len(results), "per_fold": per_fold,
                "organs": {}, "postprocessing": choice, "oof_folder": OOF_FOLDER,
                "confidence_score": CONFIDENCE_SCORE,
-               "confidence_vs_dice": {s: _spearman(rows, s) for s in ("mean_probability", "one_minus_entropy")}}
+               "confidence_vs_dice": {s: _spearman(rows, s) for s in SCORES}}
     for organ in organs:
         values = [per_fold[f][organ]["dice"] for f in per_fold if per_fold[f][organ]["dice"] is not None]
         summary["organs"][organ] = {"mean": _mean(values), "std": round(float(np.std(values)), 6) if values else None,
@@ -285,8 +285,8 @@ def summarise(folder: str | Path, device: str = "auto", precision: str = "auto",
     table = [{"fold": f, "organ": o, **v} for f, by_organ in per_fold.items() for o, v in by_organ.items()]
     table += [{"fold": stat, "organ": o, "dice": s[stat]} for stat in ("mean", "std") for o, s in summary["organs"].items()]
     _write_csv(table, ["fold", "organ", "dice", "dice_raw"], folder / "cv_summary.csv")
-    _write_csv(rows, ["case", "fold", "organ", "dice", "dice_raw", "dice_largest", "mean_probability",
-                      "one_minus_entropy", "volume_ml", "reference_ml"], folder / "cv_cases.csv")
+    _write_csv(rows, ["case", "fold", "organ", "dice", "dice_raw", "dice_largest", *SCORES,
+                      "volume_ml", "reference_ml"], folder / "cv_cases.csv")
     for line in format_summary(summary):
         echo(line)
     return summary
@@ -295,10 +295,10 @@ def summarise(folder: str | Path, device: str = "auto", precision: str = "auto",
 def _calibrate(folder: Path, rows: Sequence[Mapping], organs: Sequence[str]) -> dict:
     """confidence.json from the out-of-fold organ-case rows (Dice with the chosen post-processing)."""
     from medseg.infer.calibration import calibrate_rows, write_calibration
-    from medseg.infer.uncertainty import CONFIDENCE_SCORE
+    from medseg.infer.uncertainty import CONFIDENCE_SCORE, ESTIMATE_SCORE
 
-    pairs = [{"case": r["case"], "organ": r["organ"], "confidence": r.get(CONFIDENCE_SCORE), "dice": r["dice"]}
-             for r in rows]
+    pairs = [{"case": r["case"], "organ": r["organ"], "confidence": r.get(CONFIDENCE_SCORE), "dice": r["dice"],
+              ESTIMATE_SCORE: r.get(ESTIMATE_SCORE)} for r in rows]
     folds = len({r["fold"] for r in rows})
     data = calibrate_rows(pairs, organs, f"out-of-fold predictions of {folds} folds ({len({r['case'] for r in rows})}"
                           " cases, each predicted by the fold that did not train on it)")

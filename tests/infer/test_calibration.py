@@ -18,6 +18,7 @@ from medseg.infer.calibration import (
     CALIBRATION_NAME,
     Calibration,
     calibrate_model,
+    dice_fit,
     organ_threshold,
     read_calibration,
     reserve_seconds,
@@ -87,6 +88,21 @@ def test_qa_flags_below_the_organs_threshold_and_names_it():
                                       "(`medseg calibrate`))")
 
 
+def test_the_dice_line_on_hand_made_cases():
+    scores = [0.5, 0.6, 0.7, 0.8, 0.9, 0.5, 0.6, 0.7, 0.8, 0.9, None]
+    dices = [0.3, 0.4, 0.5, 0.6, 0.7, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9]  # Dice = score - 0.2; the None is left out
+    assert dice_fit(scores, dices) == {"intercept": pytest.approx(-0.2), "slope": pytest.approx(1.0), "cases": 10}
+    falling = dice_fit(scores[:10], dices[::-1][1:])  # surer, worse: no slope, the organ's mean Dice
+    assert falling["slope"] == 0.0 and falling["intercept"] == pytest.approx(0.5)
+    assert dice_fit(scores[:9], dices[:9]) is None  # under 10 cases
+    calibration = Calibration({"esophagus": {"threshold": 0.9, "dice_fit": {"intercept": -0.5, "slope": 1.2}},
+                               "mandible": {"threshold": 0.9}}, "test")
+    assert calibration.estimated_dice("esophagus", 0.9) == pytest.approx(0.58)
+    assert calibration.estimated_dice("esophagus", 0.3) == 0.0  # kept within [0, 1]
+    assert calibration.estimated_dice("mandible", 0.9) is None  # no line fitted
+    assert calibration.estimated_dice("esophagus", None) is None  # predicted nowhere
+
+
 # ------------------------------------------------------------------------- a real tiny training run
 
 
@@ -113,6 +129,8 @@ def test_training_writes_the_calibration_of_its_validation_cases(tiny_model, tin
                 assert row[key] is None or entry[key][0] == pytest.approx(row[key], abs=10**-digits)
     loaded = read_calibration(tiny_model)
     assert loaded.organs["bladder"]["threshold"] == calibration["organs"]["bladder"]["threshold"]
+    for entry in calibration["organs"].values():  # the line, where fitted, comes back from the stored cases
+        assert entry["dice_fit"] == dice_fit(entry["expected_dice"], entry["dice"])
 
 
 def test_the_reserve_holds_the_calibration(tiny_model):
@@ -180,3 +198,24 @@ def test_predict_flags_with_the_models_thresholds(model, tmp_path):
         assert "flagged below 0.99, the organ's threshold from 7 validation cases" in flag["reason"]
     for flag in (f for f in summary["flags"] if f["check"] == "confidence" and f["organ"] != "bladder"):
         assert "flagged below 0.8, the default" in flag["reason"]
+
+
+def test_predict_estimates_dice_where_the_calibration_fitted_a_line(model, tmp_path):
+    calibration = {"source": "test", "tta": False,
+                   "organs": {"bladder": {"threshold": 0.5, "cases": 12, "dice_fit": {"intercept": 0.1, "slope": 0.8}}}}
+    (model / CALIBRATION_NAME).write_text(json.dumps(calibration))
+    grid = make_grid("LPS", shape=(44, 40, 20), spacing=(1.5, 1.4, 3.0))
+    scan = write_image(blob_case(grid, seed=3)[0], grid, tmp_path / "scan.nii.gz")
+    out = tmp_path / "out"
+    assert main(["predict", str(scan), "-m", str(model), "-o", str(out), "--uncertainty", "--no-overlays",
+                 "--device", "cpu"]) == 0
+    volumes = json.loads((out / "scan_volumes.json").read_text())["organs"]
+    estimates = json.loads((out / "summary.json").read_text())["cases"][0].get("estimated_dice", {})
+    assert set(estimates) <= {"bladder"}  # only the organ with a line
+    if volumes["bladder"]["voxels"]:  # predicted: its estimate is the line at its expected Dice
+        seg = EnsemblePredictor([model], device="cpu", uncertainty=True).predict(str(scan))
+        expected = seg.confidence["bladder"]["expected_dice"]
+        assert estimates["bladder"] == volumes["bladder"]["estimated_dice"] == pytest.approx(0.1 + 0.8 * expected,
+                                                                                             abs=0.01)
+    else:
+        assert "estimated_dice" not in volumes["bladder"]

@@ -53,3 +53,17 @@ def test_an_organ_of_a_few_voxels_in_one_row():
     out = keep_largest_component(labels, [5, 1])
     assert np.count_nonzero(out == 5) == 1 and np.count_nonzero(out == 1) == 3
     assert piece_sizes(np.array([[True, False, True]])).tolist() == [1, 1]  # a 2D image's row
+
+
+def test_scattered_voxels_in_a_thin_box():
+    """Seen on a held-out head-and-neck CT: five voxels of one organ scattered in a 1 x 3 x 5 box, where
+    cc3d 4.1 alone fails ("maximum length exception"). Each is its own piece: none touch, even diagonally."""
+    from medseg.geometry import label_pieces, piece_sizes
+
+    mask = np.zeros((1, 3, 5), bool)
+    mask[0, [0, 0, 2, 2, 2], [0, 2, 0, 2, 4]] = True
+    assert piece_sizes(mask).tolist() == [1] * 5
+    pieces = label_pieces(mask)
+    assert pieces.shape == mask.shape and sorted(np.unique(pieces[mask]).tolist()) == [1, 2, 3, 4, 5]
+    mask[0, 1, 1] = True  # touches all four corners' neighbours diagonally: one piece of five, and one alone
+    assert piece_sizes(mask).tolist() == [5, 1]

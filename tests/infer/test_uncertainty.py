@@ -57,9 +57,21 @@ def test_organ_confidence_is_the_mean_probability_where_the_organ_wins():
     scores = organ_confidence(mean, {1: "a", 2: "b", 3: "c"})
     assert scores["a"]["mean_probability"] == pytest.approx(0.8)
     assert scores["b"]["mean_probability"] == pytest.approx(0.6)
-    assert scores["c"] == {"mean_probability": None, "one_minus_entropy": None}
+    assert scores["c"] == {"mean_probability": None, "one_minus_entropy": None, "expected_dice": None}
     h = entropy(mean).flatten() / math.log(4)
     assert scores["a"]["one_minus_entropy"] == pytest.approx(1 - float(h[:2].mean()), abs=1e-4)
+    # a: mask of 2 voxels holding 0.9 + 0.7 of its 1.8 expected voxels -> 2 * 1.6 / (1.8 + 2)
+    assert scores["a"]["expected_dice"] == pytest.approx(2 * 1.6 / 3.8, abs=1e-4)
+    assert scores["b"]["expected_dice"] == pytest.approx(2 * 0.6 / (0.85 + 1), abs=1e-4)
+
+
+def test_expected_dice_falls_with_probability_left_outside_the_mask():
+    # the same sure voxel; in the second case another voxel holds 0.45 of the organ and loses to background
+    alone = organ_confidence(probabilities([0.0, 1.0], [1.0, 0.0]), {1: "a"})["a"]
+    missed = organ_confidence(probabilities([0.0, 1.0], [0.55, 0.45]), {1: "a"})["a"]
+    assert alone["mean_probability"] == missed["mean_probability"] == pytest.approx(1.0)  # blind to what it missed
+    assert alone["expected_dice"] == pytest.approx(1.0)
+    assert missed["expected_dice"] == pytest.approx(2 * 1.0 / (1.45 + 1), abs=1e-4)
 
 
 def test_an_ensembles_confidence_is_its_members_mean_on_their_own_scale():
