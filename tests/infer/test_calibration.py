@@ -180,9 +180,10 @@ def test_calibration_needs_the_validation_cases_and_unseen_ones(model, tmp_path,
     assert not (model / CALIBRATION_NAME).exists()
 
 
-def test_predict_flags_with_the_models_thresholds(model, tmp_path):
+def test_predict_flags_with_the_models_thresholds_and_estimates_dice_on_its_lines(model, tmp_path):
     calibration = {"source": "test", "tta": False,
-                   "organs": {"bladder": {"threshold": 0.99, "cases": 7, "basis": "test"}}}
+                   "organs": {"bladder": {"threshold": 0.99, "cases": 7, "basis": "test",
+                                          "dice_fit": {"intercept": 0.1, "slope": 0.8}}}}
     (model / CALIBRATION_NAME).write_text(json.dumps(calibration))
     grid = make_grid("LPS", shape=(44, 40, 20), spacing=(1.5, 1.4, 3.0))
     scan = write_image(blob_case(grid, seed=3)[0], grid, tmp_path / "scan.nii.gz")
@@ -198,24 +199,10 @@ def test_predict_flags_with_the_models_thresholds(model, tmp_path):
         assert "flagged below 0.99, the organ's threshold from 7 validation cases" in flag["reason"]
     for flag in (f for f in summary["flags"] if f["check"] == "confidence" and f["organ"] != "bladder"):
         assert "flagged below 0.8, the default" in flag["reason"]
-
-
-def test_predict_estimates_dice_where_the_calibration_fitted_a_line(model, tmp_path):
-    calibration = {"source": "test", "tta": False,
-                   "organs": {"bladder": {"threshold": 0.5, "cases": 12, "dice_fit": {"intercept": 0.1, "slope": 0.8}}}}
-    (model / CALIBRATION_NAME).write_text(json.dumps(calibration))
-    grid = make_grid("LPS", shape=(44, 40, 20), spacing=(1.5, 1.4, 3.0))
-    scan = write_image(blob_case(grid, seed=3)[0], grid, tmp_path / "scan.nii.gz")
-    out = tmp_path / "out"
-    assert main(["predict", str(scan), "-m", str(model), "-o", str(out), "--uncertainty", "--no-overlays",
-                 "--device", "cpu"]) == 0
+    # the estimate: only for the organ with a line, the line at the organ's expected Dice
     volumes = json.loads((out / "scan_volumes.json").read_text())["organs"]
-    estimates = json.loads((out / "summary.json").read_text())["cases"][0].get("estimated_dice", {})
-    assert set(estimates) <= {"bladder"}  # only the organ with a line
-    if volumes["bladder"]["voxels"]:  # predicted: its estimate is the line at its expected Dice
-        seg = EnsemblePredictor([model], device="cpu", uncertainty=True).predict(str(scan))
-        expected = seg.confidence["bladder"]["expected_dice"]
-        assert estimates["bladder"] == volumes["bladder"]["estimated_dice"] == pytest.approx(0.1 + 0.8 * expected,
-                                                                                             abs=0.01)
-    else:
-        assert "estimated_dice" not in volumes["bladder"]
+    assert volumes["bladder"]["voxels"] > 0 and set(summary["cases"][0]["estimated_dice"]) == {"bladder"}
+    expected = EnsemblePredictor([model], device="cpu", uncertainty=True).predict(str(scan)).confidence["bladder"]
+    assert summary["cases"][0]["estimated_dice"]["bladder"] == volumes["bladder"]["estimated_dice"] == \
+        pytest.approx(0.1 + 0.8 * expected["expected_dice"], abs=0.01)
+    assert all("estimated_dice" not in entry for organ, entry in volumes.items() if organ != "bladder")
