@@ -220,6 +220,10 @@ def format_calibration(data: Mapping) -> list[str]:
     for organ, entry in data["organs"].items():
         value = "default " + str(LOW_CONFIDENCE) if entry["threshold"] is None else f"{entry['threshold']:.3f}"
         lines.append(f"  {organ:<22} {value:<12} {entry['cases']} case(s): {entry['basis']}")
+        fit = entry.get("dice_fit")
+        if fit:
+            lines.append(f"  {'':<22} estimated Dice = {fit['intercept']:.3f} + {fit['slope']:.3f} x expected Dice "
+                         f"({fit['cases']} cases)")
     return lines
 
 

@@ -19,6 +19,7 @@ from medseg.infer.calibration import (
     Calibration,
     calibrate_model,
     dice_fit,
+    format_calibration,
     organ_threshold,
     read_calibration,
     reserve_seconds,
@@ -101,6 +102,12 @@ def test_the_dice_line_on_hand_made_cases():
     assert calibration.estimated_dice("esophagus", 0.3) == 0.0  # kept within [0, 1]
     assert calibration.estimated_dice("mandible", 0.9) is None  # no line fitted
     assert calibration.estimated_dice("esophagus", None) is None  # predicted nowhere
+    lines = format_calibration({"source": "test", "organs": {
+        "esophagus": {"threshold": 0.9, "cases": 12, "basis": "b", "dice_fit": {"intercept": -0.5, "slope": 1.2,
+                                                                                 "cases": 12}},
+        "mandible": {"threshold": None, "cases": 2, "basis": "b", "dice_fit": None}}})
+    assert lines[2].split() == "estimated Dice = -0.500 + 1.200 x expected Dice (12 cases)".split()
+    assert len(lines) == 4  # no line for the mandible: none fitted
 
 
 # ------------------------------------------------------------------------- a real tiny training run
