@@ -273,11 +273,11 @@ def calibrate(
 ) -> None:
     """Choose per-organ confidence thresholds for the QA flags on the model's validation cases.
 
-    Predicts the cases the model validated on and did not train on (a
-    cross-validation folder: its out-of-fold predictions, made where missing),
-    scores Dice on the organs each case contoured, and writes confidence.json
-    into the folder; `medseg predict` then flags an organ below its threshold.
-    `medseg train` does this at the end of a run.
+    Predicts the cases the model validated on and did not train on (a CV
+    folder: its out-of-fold predictions, made where missing), scores Dice on
+    the organs each case contoured and writes confidence.json; `medseg
+    predict` then flags an organ below its threshold, and estimates its Dice
+    where 10+ cases fit a line from expected Dice; `medseg train` ends so.
     """
     _start_compute(precision)
     from medseg.infer.calibration import calibrate_model, format_calibration
