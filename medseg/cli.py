@@ -310,10 +310,10 @@ def quantize(
     from medseg.infer.ensemble import model_folders
     from medseg.infer.quantize import format_record, quantize_model, record_path
 
-    records = [quantize_model(folder, data, cases, echo=_echo) for folder in model_folders(model)]
-    for folder, record in zip(model_folders(model), records):
+    records = {folder: quantize_model(folder, data, cases, echo=_echo) for folder in model_folders(model)}
+    for folder, record in records.items():
         typer.echo("\n".join([*format_record(record), f"wrote {record_path(folder)}"]))
-    raise typer.Exit(0 if all(record["passed"] for record in records) else 1)
+    raise typer.Exit(0 if all(record["passed"] for record in records.values()) else 1)
 
 
 @app.command()

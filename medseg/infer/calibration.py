@@ -167,6 +167,14 @@ class Calibration:
             return None
         return round(min(max(fit["intercept"] + fit["slope"] * expected_dice, 0.0), 1.0), 3)
 
+    def add_estimates(self, confidence: Mapping[str, dict]) -> None:
+        """Each organ's scores (`medseg.infer.uncertainty.organ_confidence`) get its "estimated_dice",
+        where the organ has a fitted line and a score to put on it."""
+        for organ, scores in confidence.items():
+            estimate = self.estimated_dice(organ, scores.get(ESTIMATE_SCORE))
+            if estimate is not None:
+                scores["estimated_dice"] = estimate
+
     def report(self) -> dict:
         """For summary.json: the thresholds and where they came from."""
         return {"source": self.source, "tta": self.tta,

@@ -335,13 +335,8 @@ class Checker:
     def __call__(self, seg) -> list[dict]:
         """The flags of one case as plain dicts, worst first. Where the calibration has fitted lines, each
         organ's scores in `seg.confidence` also get its "estimated_dice" (`Calibration.estimated_dice`)."""
-        from medseg.infer.uncertainty import ESTIMATE_SCORE
-
         if self.calibration is not None:
-            for organ, scores in seg.confidence.items():
-                estimate = self.calibration.estimated_dice(organ, scores.get(ESTIMATE_SCORE))
-                if estimate is not None:
-                    scores["estimated_dice"] = estimate
+            self.calibration.add_estimates(seg.confidence)
         flags = check_segmentation(seg, self.task, self.stats, self.kept_largest, self.calibration)
         return [f.to_dict() for f in flags]
 
