@@ -126,6 +126,9 @@ class Loss:
     name: Literal["dice_ce"] = "dice_ce"
     dice_weight: float = 1.0
     ce_weight: float = 1.0
+    # True: each organ's Dice over the whole batch (nnU-Net's batch Dice). False: per case, over the
+    # cases whose patch holds the organ, so a small organ cut by a patch weighs as much as a whole one.
+    batch_dice: bool = True
 
 
 @dataclass(frozen=True)

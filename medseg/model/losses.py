@@ -16,9 +16,12 @@ Two things differ when a case is partially labelled:
   above its prior.)
 - Voxels holding the task's `ignore_label` (nnU-Net convention) are left out of both terms.
 
-Dice is computed over the batch, as with MONAI's `batch=True`: per organ, intersections and sums
-run over the cases that contoured it, and organs contoured by no case of the batch are left out of
-the mean. Cross-entropy is the mean over the voxels not ignored.
+Dice is computed over the batch by default, as with MONAI's `batch=True`: per organ, intersections
+and sums run over the cases that contoured it, and organs contoured by no case of the batch are left
+out of the mean. With `batch_dice=False` it is per case instead, averaged over the (case, organ) pairs
+whose patch holds the organ and whose case contoured it (an organ a patch does not hold gives a
+constant Dice of 0 under MONAI's smoothing, so it adds nothing but dilution; cross-entropy already
+punishes predicting it there). Cross-entropy is the mean over the voxels not ignored.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ class PartialDiceCELoss(_Loss):
         ce_weight: weight of the cross-entropy term.
         ignore_label: label value whose voxels are left out; None: no such value.
         smooth_nr, smooth_dr: added to the Dice numerator and denominator (MONAI's defaults).
+        batch_dice: Dice over the batch (True) or per case (False); see the module's docstring.
     """
 
     def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, ignore_label: int | None = None,
-                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5):
+                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch_dice: bool = True):
         super().__init__()
         if dice_weight < 0 or ce_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got dice {dice_weight} and cross-entropy {ce_weight}")
@@ -51,6 +55,7 @@ class PartialDiceCELoss(_Loss):
         self.ignore_label = ignore_label
         self.smooth_nr = smooth_nr
         self.smooth_dr = smooth_dr
+        self.batch_dice = batch_dice
 
     def forward(self, input: torch.Tensor, target: torch.Tensor,
                 contoured: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,15 +115,21 @@ class PartialDiceCELoss(_Loss):
 
     def _dice(self, probabilities: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
               keep: torch.Tensor) -> torch.Tensor:
-        """Batch Dice loss over the organ channels, each summed over the cases that contoured it."""
+        """Dice loss over the organ channels, over the batch or per case (`batch_dice`)."""
         weight = valid.to(probabilities.dtype)
         probabilities = probabilities * weight  # (B, C, *spatial)
         onehot = torch.zeros_like(probabilities).scatter_(1, target, 1.0) * weight
         dims = tuple(range(2, probabilities.dim()))
-        cases = keep.to(probabilities.dtype)  # (B, C)
-        intersection = ((probabilities * onehot).sum(dims) * cases).sum(0)[1:]  # (C - 1,)
-        denominator = ((probabilities.sum(dims) + onehot.sum(dims)) * cases).sum(0)[1:]
-        scored = keep[:, 1:].any(0)
+        intersection = (probabilities * onehot).sum(dims)[:, 1:]  # (B, C - 1)
+        reference = onehot.sum(dims)[:, 1:]
+        denominator = probabilities.sum(dims)[:, 1:] + reference
+        if self.batch_dice:
+            cases = keep[:, 1:].to(probabilities.dtype)
+            intersection = (intersection * cases).sum(0)
+            denominator = (denominator * cases).sum(0)
+            scored = keep[:, 1:].any(0)
+        else:
+            scored = keep[:, 1:] & (reference > 0)
         if not scored.any():
             return probabilities.new_zeros(())
         dice = 1.0 - (2.0 * intersection + self.smooth_nr) / (denominator + self.smooth_dr)
@@ -150,5 +161,6 @@ class PartialDeepSupervisionLoss(DeepSupervisionLoss):
 
 def build_loss(task: Task, deep_supervision: bool) -> torch.nn.Module:
     """The task's loss; call it as `loss(output, target, contoured)` (`contoured` may be None)."""
-    loss = PartialDiceCELoss(task.loss.dice_weight, task.loss.ce_weight, task.ignore_label)
+    loss = PartialDiceCELoss(task.loss.dice_weight, task.loss.ce_weight, task.ignore_label,
+                             batch_dice=task.loss.batch_dice)
     return PartialDeepSupervisionLoss(loss, weight_mode="exp") if deep_supervision else loss

@@ -105,6 +105,28 @@ def test_organ_contoured_by_no_case_leaves_the_dice_mean():
     assert torch.allclose(dice_only(logits, target, contoured), expected, rtol=1e-12, atol=0)
 
 
+def test_per_case_dice_is_monai_per_case_dice_when_every_patch_holds_every_organ():
+    from monai.losses import DiceLoss
+
+    logits, target = batch()
+    per_case = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=False)
+    got = PartialDiceCELoss(ce_weight=0.0, batch_dice=False)(logits, target)
+    assert torch.allclose(got, per_case(logits, target), rtol=1e-12, atol=0)
+    assert not torch.allclose(got, PartialDiceCELoss(ce_weight=0.0)(logits, target), rtol=1e-6, atol=0)
+
+
+def test_per_case_dice_leaves_out_an_organ_the_patch_does_not_hold():
+    from monai.losses import DiceLoss
+
+    logits, target = batch()
+    target[1][target[1] == 2] = 0  # case 1's patch holds no organ 2 (contoured, just not in this patch)
+    per_pair = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=False, reduction="none")
+    pairs = per_pair(logits, target).flatten(1)  # (case, organ)
+    expected = torch.cat([pairs[0], pairs[1, [0, 2]]]).mean()
+    got = PartialDiceCELoss(ce_weight=0.0, batch_dice=False)(logits, target)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+
+
 def test_ignore_label_voxels_get_no_gradient_and_do_not_count():
     logits, target = batch()
     target[0, 0, 0:3] = 9  # an ignore region
