@@ -38,8 +38,8 @@ PRECISION_HELP = ("auto, bf16 or fp32. auto: bf16 autocast where the CPU (AVX512
                   "natively, else fp32.")
 
 
-BACKEND_HELP = ("auto, torch or openvino: what runs the network. auto: OpenVINO on the CPU where it is installed "
-                "(pip install \"medseg[openvino]\"), else torch.")
+BACKEND_HELP = ("auto, torch or openvino: what runs the network. auto: on the CPU, where OpenVINO is installed, the "
+                "faster of the two on a batch of windows (timed once per machine, kept with the model), else torch.")
 
 
 PREDICT_PRECISION_HELP = ("auto, bf16, fp32 or int8. auto: bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU "

@@ -11,9 +11,10 @@
   (`medseg quantize`) and taken only where its check against f32 on the validation cases passed
   (`medseg.infer.quantize`); never chosen by `auto`.
 
-`auto` takes OpenVINO on the CPU wherever it is installed (it was faster in every configuration
-measured: two networks, f32 and bf16, AVX-512 and AVX2 kernels; installing the extra is the opt-in)
-and torch on GPUs and where it is not.
+`auto` takes torch on GPUs and where OpenVINO is not installed. On the CPU it times a batch of windows
+through both, once per machine, precision, thread count and batch size (`faster_backend`; the verdict is
+kept beside the cached network in `speed.json`), and takes the faster: OpenVINO won on most networks
+measured, but not everywhere (the head-and-neck UNet in bf16 on 2 threads of an AMX Xeon: 0.92x).
 
 Everything else stays as it is: the same windows, Gaussian blending and flips
 (`medseg.infer.stitching`, `medseg.infer.tta`); only the callable that maps a batch of windows
@@ -47,6 +48,7 @@ import torch
 from medseg.errors import InputError
 
 BACKENDS = ("auto", "torch", "openvino")
+SPEED_FILE = "speed.json"  # in a cache entry: which backend ran a batch faster, per machine (`faster_backend`)
 INT8 = "int8"  # `--precision int8`: the model's checked int8 OpenVINO network (medseg.infer.quantize); never 'auto'
 INSTALL_HINT = 'pip install "medseg[openvino]"'
 CACHE_FOLDER = "openvino"  # inside the model folder
@@ -85,32 +87,78 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def backend_network(network: torch.nn.Module, backend: str, device: torch.device, precision: str,
-                    weights: Path, window: Sequence[int]):
+                    weights: Path, window: Sequence[int], batch: int = 4):
     """What the windows go through: `network` prepared for torch, or compiled by OpenVINO.
 
     Args:
         network: the loaded network in fp32 (not yet prepared); used up by this call.
-        backend: 'auto', 'torch' or 'openvino' (`resolve_backend`).
+        backend: 'auto', 'torch' or 'openvino' (`resolve_backend`; 'auto' on the CPU: `faster_backend`).
         precision: 'fp32' or 'bf16', already resolved for `device`.
         weights, window: the checkpoint file and one window's (C, x, y, z), for `openvino_network`.
+        batch: windows a forward takes (the task's `sw_batch_size`), for `faster_backend`.
     Returns:
         (callable (B, C, x, y, z) -> (B, K, x, y, z), 'torch' or 'openvino').
     """
     from medseg.runtime import prepare_network
 
-    chosen = resolve_backend(backend, device)
-    if chosen == "openvino":
+    if resolve_backend(backend, device) == "openvino":
         from openvino.frontend import GeneralFailure, NotImplementedFailure, OpConversionFailure
 
         failures = (OpConversionFailure, NotImplementedFailure, GeneralFailure, RuntimeError, TypeError, ValueError)
         try:
-            return openvino_network(network.eval(), weights, window, precision), "openvino"
+            compiled = openvino_network(network.eval(), weights, window, precision)
         except failures as error:  # OpenVINO cannot convert or compile this network: torch runs it
             if backend == "openvino":
                 raise InputError(f"{weights}: OpenVINO cannot run this network ({type(error).__name__}: "
                                  f"{str(error).strip()[:200]}); use --backend torch") from None
             log.warning("OpenVINO cannot run this network (%s); using torch", error)
+        else:
+            if backend == "openvino":
+                return compiled, "openvino"
+            prepared = prepare_network(network, device, precision).eval()
+            if faster_backend(compiled, prepared, (batch, *window), device, precision) == "openvino":
+                return compiled, "openvino"
+            return prepared, "torch"
     return prepare_network(network, device, precision).eval(), "torch"
+
+
+def faster_backend(compiled: "OpenVINONetwork", prepared: torch.nn.Module, batch_shape: Sequence[int],
+                   device: torch.device, precision: str, repeats: int = 3) -> str:
+    """'openvino' or 'torch': which ran a batch of windows faster here (min of `repeats`, after a warm-up).
+
+    The verdict is kept in the cache entry's speed.json under this machine's CPU, thread count,
+    precision and batch shape, so the timing (a few seconds) is paid once, not per scan.
+    """
+    from medseg.io import write_text
+    from medseg.runtime import autocast, cpu_name
+
+    signature = f"{cpu_name()}; {torch.get_num_threads()} threads; {precision}; batch {list(batch_shape)}"
+    record = compiled.cache / SPEED_FILE if compiled.cache else None
+    try:
+        known = json.loads(record.read_text()) if record and record.is_file() else {}
+    except (OSError, ValueError):  # unreadable or cut short: time again
+        known = {}
+    if signature in known:
+        return known[signature]["faster"]
+    windows = torch.randn(*batch_shape)
+    seconds = {"torch": float("inf"), "openvino": float("inf")}
+    with torch.inference_mode(), autocast(device, precision):
+        for round_ in range(repeats + 1):
+            for name, run in (("torch", prepared), ("openvino", compiled)):
+                start = time.perf_counter()
+                run(windows)
+                if round_:  # the first round warms both up
+                    seconds[name] = min(seconds[name], time.perf_counter() - start)
+    faster = min(seconds, key=seconds.get)
+    log.info("backend auto: %s (a batch of windows: torch %.3f s, openvino %.3f s)", faster, seconds["torch"],
+             seconds["openvino"])
+    if record:
+        known[signature] = {"faster": faster, "seconds": {k: round(v, 4) for k, v in seconds.items()}}
+        try:
+            write_text(json.dumps(known, indent=2), record)
+        except OSError as error:
+            log.warning("cannot keep the backend timing in %s (%s)", record, error)
+    return faster
 
 
 def describe_backend(predictor) -> str:

@@ -70,7 +70,8 @@ def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best
     network = build_network(config.network)
     network.load_state_dict(load_checkpoint(weights)["model"])
     precision = resolve_precision(precision, torch_device)
-    network, backend = backend_network(network, backend, torch_device, precision, weights, window)
+    network, backend = backend_network(network, backend, torch_device, precision, weights, window,
+                                       config.task.inference.sw_batch_size)
     return ModelBundle(folder, config.task, config.preprocessing, config.network, network, torch_device, precision,
                        backend)
 

@@ -124,6 +124,33 @@ def test_cache_is_made_once_reused_and_renewed_with_the_checkpoint(model_copy):
 
 
 @needs_openvino
+def test_auto_times_both_backends_once_and_keeps_the_verdict(model_copy):
+    import json
+
+    first = load_model(model_copy, "cpu", precision="fp32", backend="auto")
+    record = next((model_copy / "openvino").glob("*/speed.json"))
+    [(signature, verdict)] = json.loads(record.read_text()).items()
+    batch = read_run_config(model_copy).task.inference.sw_batch_size  # the task's windows per forward
+    assert f"{torch.get_num_threads()} threads; fp32; batch [{batch}, 1, 16, 16, 16]" in signature
+    seconds = verdict["seconds"]
+    assert 0 < seconds["torch"] < 60 and 0 < seconds["openvino"] < 60
+    assert verdict["faster"] == min(seconds, key=seconds.get) == first.backend
+
+    # the next load takes the kept verdict, whichever it says, without timing again
+    for kept in ("torch", "openvino"):
+        record.write_text(json.dumps({signature: {"faster": kept, "seconds": seconds}}))
+        assert load_model(model_copy, "cpu", precision="fp32", backend="auto").backend == kept
+    # another precision is another verdict; an explicit backend is never timed
+    assert load_model(model_copy, "cpu", precision="bf16", backend="auto").backend in ("torch", "openvino")
+    assert len(json.loads(record.read_text())) == 2
+    record.write_text("{cut short")
+    assert load_model(model_copy, "cpu", precision="fp32", backend="openvino").backend == "openvino"
+    assert record.read_text() == "{cut short"
+    assert load_model(model_copy, "cpu", precision="fp32", backend="auto").backend in ("torch", "openvino")
+    assert signature in json.loads(record.read_text())  # timed again, written whole
+
+
+@needs_openvino
 def test_unwritable_model_folder_caches_in_the_user_cache(model_copy, tmp_path, monkeypatch):
     (model_copy / "openvino").write_text("a file where the cache folder would go")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
