@@ -109,7 +109,7 @@ def train_both(args, view: Path, task, work: Path) -> dict:
     if args.only in (None, "medseg"):
         procs["medseg"] = start([sys.executable, "-m", "medseg", "train", "--task", task, "--data", view,
                                  "--out", medseg_run, "--max-minutes", args.minutes, "--folds", INTERNAL_FOLDS,
-                                 "--fold", 0, "--seed", 0, "--device", "cpu", "--precision", args.precision],
+                                 "--fold", 0, "--seed", args.seed, "--device", "cpu", "--precision", args.precision],
                                 args.threads, work / "medseg_train.out")
     if args.only in (None, "plain"):
         plain_precision = "fp32" if args.precision == "fp32" else "bf16"
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("medseg", "plain"), default=None, help="run one pipeline")
     parser.add_argument("--set", action="append", default=[], help="change a task key for medseg: KEY=VALUE")
     parser.add_argument("--val-cases", type=int, default=None, help="score only the first N held-out cases")
+    parser.add_argument("--seed", type=int, default=0, help="medseg's training seed (another one: the seed's spread)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "headneck")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "headneck")
     args = parser.parse_args(argv)
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     for folder in sorted((args.work / "plain" / "predictions").glob("*min"), key=lambda p: float(p.name[:-3])):
         organs.setdefault("plain", {})[folder.name] = evaluate(folder, held_out, args, args.work / "plain" / folder.name)
     results = {"command": command, "minutes": args.minutes, "threads": args.threads, "precision": args.precision,
-               "task_changes": args.set, "held_out": len(held_out), "seconds": seconds, "organs": organs,
+               "task_changes": args.set, "seed": args.seed, "held_out": len(held_out), "seconds": seconds,
+               "organs": organs,
                "time": {**({"medseg": medseg_time(args.work / "medseg" / "run")} if "medseg" in organs else {}),
                         **({"plain": plain_time(args.work / "plain")} if "plain" in organs else {})}}
     args.results.mkdir(parents=True, exist_ok=True)
