@@ -119,6 +119,9 @@ class Network:
     filters: tuple[int, ...] = (16, 32, 64, 128, 256)
     deep_supervision: bool = True  # DynUNet only: extra heads at lower resolutions, weighted 1/2^k
     dropout: float = 0.0
+    # UNet only: a first level at the scan's own resolution (stride 1, as DynUNet's and nnU-Net's), where
+    # MONAI's UNet otherwise strides its very first convolution; `filters` then lists one more level.
+    full_resolution: bool = False
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ class NetworkPlan:
     dropout: float
     patch_size: tuple[int, int, int]
     dimensions: int = 3  # 2: a 2D network in `Planar` (kernels and strides along the third axis are 1)
+    full_resolution: bool = False  # unet: its first level keeps the input's resolution (`Network.full_resolution`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +43,8 @@ class NetworkPlan:
     def from_dict(cls, data: dict) -> NetworkPlan:
         return cls(data["name"], data["in_channels"], data["out_channels"], tuple(data["filters"]),
                    tuple(tuple(k) for k in data["kernels"]), tuple(tuple(s) for s in data["strides"]),
-                   data["deep_supervision"], data["dropout"], tuple(data["patch_size"]), data.get("dimensions", 3))
+                   data["deep_supervision"], data["dropout"], tuple(data["patch_size"]), data.get("dimensions", 3),
+                   data.get("full_resolution", False))
 
     def in_plane(self) -> NetworkPlan:
         """The plan of the 2D network inside `Planar`: two values per axis."""
@@ -83,7 +85,7 @@ def plan_network(config: Network, in_channels: int, out_channels: int, patch_siz
         kernels, strides = [(*k, 1) for k in kernels], [(*s, 1) for s in strides]
     return NetworkPlan(config.name, in_channels, out_channels, tuple(config.filters), tuple(kernels), tuple(strides),
                        config.deep_supervision and config.name == "dynunet", config.dropout, tuple(patch_size),
-                       dimensions)
+                       dimensions, config.full_resolution and config.name == "unet")
 
 
 class Planar(nn.Module):
@@ -116,8 +118,11 @@ def build_network(plan: NetworkPlan) -> nn.Module:
             res_block=False, dropout=plan.dropout or None,
         )
     if plan.name == "unet":
+        # MONAI's UNet strides each level's first convolution: level k's stride goes first, so the plan's
+        # (1, 1, 1) opens a full-resolution level; without it the first convolution already halves.
+        strides = plan.strides[:-1] if plan.full_resolution else plan.strides[1:]
         return nets.UNet(spatial_dims=dims, in_channels=plan.in_channels, out_channels=plan.out_channels,
-                         channels=plan.filters, strides=tuple(plan.strides[1:]), num_res_units=2, norm="INSTANCE",
+                         channels=plan.filters, strides=tuple(strides), num_res_units=2, norm="INSTANCE",
                          dropout=plan.dropout)
     if plan.name == "segresnet":
         return nets.SegResNet(spatial_dims=dims, in_channels=plan.in_channels, out_channels=plan.out_channels,

@@ -47,3 +47,26 @@ def test_2d_network_prepared_for_bf16_inference_on_the_cpu():
     network = prepare_network(build_network(plan_2d("unet")).eval(), torch.device("cpu"), precision="bf16")
     with torch.no_grad():
         assert network(torch.randn(1, 2, 32, 32, 1)).shape == (1, 3, 32, 32, 1)
+
+
+def first_convolution_stride(network: torch.nn.Module) -> tuple[int, ...]:
+    return next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d)).stride
+
+
+def test_unet_full_resolution_level_keeps_the_input_grid_and_the_same_halvings():
+    spacing, patch = (1.0, 1.0, 1.0), (32, 32, 16)
+    plain = plan_network(Network(name="unet", filters=(4, 8, 16, 32)), 1, 3, patch, spacing)
+    full = plan_network(Network(name="unet", filters=(2, 4, 8, 16, 32), full_resolution=True), 1, 3, patch, spacing)
+    assert full.full_resolution and not plain.full_resolution
+    assert NetworkPlan.from_dict(full.to_dict()) == full
+    assert not NetworkPlan.from_dict({k: v for k, v in plain.to_dict().items() if k != "full_resolution"}).full_resolution
+    assert first_convolution_stride(build_network(plain)) == (2, 2, 2)  # MONAI's UNet halves at once
+    network = build_network(full)
+    assert first_convolution_stride(network) == (1, 1, 1)
+    x = torch.randn(1, 1, *patch)
+    assert network(x).shape == build_network(plain)(x).shape == (1, 3, *patch)
+    # the same halvings below it: as many strided convolutions in both (a level's unit and its residual)
+    strided = lambda net: sorted(m.stride for m in net.modules() if isinstance(m, torch.nn.Conv3d) and max(m.stride) > 1)
+    assert strided(network) == strided(build_network(plain)) and len(strided(network)) == 6
+    # the flag means nothing to another network, and is not recorded for it
+    assert not plan_network(Network(name="dynunet", full_resolution=True), 1, 3, patch, spacing).full_resolution
