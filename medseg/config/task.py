@@ -121,6 +121,7 @@ class Network:
     dropout: float = 0.0
     # UNet only: a first level at the scan's own resolution (stride 1, as DynUNet's and nnU-Net's), where
     # MONAI's UNet otherwise strides its very first convolution; `filters` then lists one more level.
+    # (headneck, 45 minutes: 0.669 with [8, 16, ..., 256] against 0.678; benchmarks/results/headneck-probes-amx-c)
     full_resolution: bool = False
 
 
