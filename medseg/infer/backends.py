@@ -153,7 +153,7 @@ def faster_backend(compiled: "OpenVINONetwork", prepared: torch.nn.Module, batch
     log.info("backend auto: %s (a batch of windows: torch %.3f s, openvino %.3f s)", faster, seconds["torch"],
              seconds["openvino"])
     if record:
-        known[signature] = {"faster": faster, "seconds": {k: round(v, 4) for k, v in seconds.items()}}
+        known[signature] = {"faster": faster, "seconds": {k: round(v, 6) for k, v in seconds.items()}}
         try:
             write_text(json.dumps(known, indent=2), record)
         except OSError as error:

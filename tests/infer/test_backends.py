@@ -134,7 +134,8 @@ def test_auto_times_both_backends_once_and_keeps_the_verdict(model_copy):
     assert f"{torch.get_num_threads()} threads; fp32; batch [{batch}, 1, 16, 16, 16]" in signature
     seconds = verdict["seconds"]
     assert 0 < seconds["torch"] < 60 and 0 < seconds["openvino"] < 60
-    assert verdict["faster"] == min(seconds, key=seconds.get) == first.backend
+    other = {"torch": "openvino", "openvino": "torch"}[verdict["faster"]]
+    assert verdict["faster"] == first.backend and seconds[verdict["faster"]] <= seconds[other]  # kept rounded: ties
 
     # the next load takes the kept verdict, whichever it says, without timing again
     for kept in ("torch", "openvino"):
