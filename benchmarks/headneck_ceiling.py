@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
+from medseg.evaluate.metrics import confusion, dice as dice_of_counts  # noqa: E402
+
 THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 
 
@@ -39,9 +41,9 @@ def read(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    tp, fp, fn, _ = confusion(ref, pred)
+    return dice_of_counts(tp, fp, fn)
 
 
 def labelled(data: Path, names: list[str], meta: dict, organs: list[str]):
@@ -58,21 +60,21 @@ def labelled(data: Path, names: list[str], meta: dict, organs: list[str]):
 def one_voxel_shift(data: Path, names: list[str], meta: dict, organs: list[str]) -> dict:
     per_organ: dict[str, list[float]] = {o: [] for o in organs}
     for _, organ, ref in labelled(data, names, meta, organs):
-        moves = [dice(ref, np.roll(ref, step, axis)) for axis in (0, 1) for step in (1, -1)]
+        moves = [dice(np.roll(ref, step, axis), ref) for axis in (0, 1) for step in (1, -1)]
         per_organ[organ].append(float(np.mean(moves)))
     return summarise(per_organ)
 
 
 def extent_split(data: Path, names: list[str], meta: dict, organs: list[str], folder: Path) -> dict:
     rows: dict[str, list[tuple[float, float, float]]] = {o: [] for o in organs}
-    masks: dict[str, np.ndarray] = {}
+    case, labels = None, None  # the predicted label map of the case being read (cases come in order)
     for name, organ, ref in labelled(data, names, meta, organs):
-        if name not in masks:
-            files = sorted(folder.glob(f"{name}_seg.nii.gz"))
-            if not files:
-                raise SystemExit(f"{folder}: no {name}_seg.nii.gz")
-            masks = {name: read(files[0])}
-        pred = masks[name] == organs.index(organ) + 1
+        if name != case:
+            path = folder / f"{name}_seg.nii.gz"
+            if not path.is_file():
+                raise SystemExit(f"{path}: missing")
+            case, labels = name, read(path)
+        pred = labels == organs.index(organ) + 1
         both = pred.any((0, 1)) & ref.any((0, 1))  # axial slices (the third axis) holding the organ in both
         one_mask = (pred[:, :, ~both].sum() + ref[:, :, ~both].sum()) / max(1, pred.sum() + ref.sum())
         in_slice = dice(pred[:, :, both], ref[:, :, both]) if both.any() else 0.0  # missed outright: 0
