@@ -42,9 +42,9 @@ BACKEND_HELP = ("auto, torch or openvino: what runs the network. auto: on the CP
                 "faster of the two on a batch of windows (timed once per machine, kept with the model), else torch.")
 
 
-PREDICT_PRECISION_HELP = ("auto, bf16, fp32 or int8. auto: bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU "
-                          "runs bf16 natively, else fp32 (never int8). int8: the model's int8 OpenVINO network, "
-                          "only once `medseg quantize` has checked it and it passed.")
+PREDICT_PRECISION_HELP = ("auto, bf16, fp32 or int8. auto: bf16 autocast where the CPU (AVX512-BF16/AMX) or GPU runs "
+                          "bf16 natively; other CPUs: int8 where it passed its check, else fp32. int8: the model's "
+                          "int8 OpenVINO network, only once `medseg quantize` has checked it and it passed.")
 
 
 def _start_compute(precision: str, int8: bool = False) -> None:
@@ -227,8 +227,8 @@ def predict(
                              "(a run folder, or a cross-validation folder whose every fold is trained)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     fast: bool = typer.Option(False, "--fast", help="Lower window overlap: faster, slightly less smooth."),
-    tta: bool = typer.Option(False, "--tta", help="Test-time flips along the axes the task trains flips along "
-                             "(paired organs swapped on left-right flips)."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Test-time flips along the axes the task trains "
+                                       "flips along (paired organs swapped); default: the task's inference.tta."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-organ probability maps."),
     reference: Optional[List[Path]] = typer.Option(None, "--reference", "-r", help="Reference label map(s) or folder: also write metrics."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay PNGs for review."),
@@ -267,7 +267,7 @@ def calibrate(
     model: Path = typer.Argument(..., help="Run folder, or cross-validation folder (`--fold all`)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset holding the validation cases; default: "
                                         "the one the model was trained on (config.json)."),
-    tta: bool = typer.Option(False, "--tta", help="Predict with test-time flips (calibrate as you will predict)."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Flips as you will predict; default: the task's."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
@@ -288,10 +288,10 @@ def calibrate(
 
         if tta:
             raise InputError("--tta: a cross-validation folder is calibrated on its out-of-fold predictions, "
-                             "made without test-time flips")
+                             "made with the flips its task's inference.tta asks for")
         result = calibrate_folds(model, device, precision, data, echo=_echo)
     else:
-        result = calibrate_model(model, data, device, precision, tta or None, echo=_echo)
+        result = calibrate_model(model, data, device, precision, tta, echo=_echo)
     typer.echo("\n".join(format_calibration(result)))
     typer.echo(f"wrote {model / 'confidence.json'}")
 

@@ -41,7 +41,7 @@ class PredictOptions:
     task: str = "prostate"
     device: str = "auto"
     fast: bool = False
-    tta: bool = False
+    tta: bool | None = None  # None: the task's inference.tta
     probabilities: bool = False
     overlays: bool = True
     runs: Path = Path("runs")

@@ -212,17 +212,17 @@ def _mm(spacing: Sequence[float]) -> str:
     return "x".join(f"{v:g}" for v in spacing) + " mm"
 
 
-def make_predictor(model: str | Path, device: str = "auto", fast: bool = False, tta: bool = False,
+def make_predictor(model: str | Path, device: str = "auto", fast: bool = False, tta: bool | None = None,
                    precision: str = "auto", uncertainty: bool = False,
                    backend: str = "auto") -> Predictor | EnsemblePredictor:
     """What `medseg predict -m MODEL` runs: a `Predictor` for one model folder, an `EnsemblePredictor` for a
     cross-validation folder (with its chosen post-processing) or when uncertainty is asked for."""
     cv = is_cv_folder(model)
     if not cv and not uncertainty:
-        return Predictor(model, device=device, fast=fast, tta=tta or None, precision=precision, backend=backend)
+        return Predictor(model, device=device, fast=fast, tta=tta, precision=precision, backend=backend)
     chosen = read_postprocessing(model) if cv else None
     organs, source = chosen if chosen else (None, TASK_FILE_SOURCE)
-    return EnsemblePredictor(model_folders(model), device, fast, tta or None, precision, uncertainty, organs, source,
+    return EnsemblePredictor(model_folders(model), device, fast, tta, precision, uncertainty, organs, source,
                              backend)
 
 

@@ -281,7 +281,7 @@ def summarise(folder: str | Path, device: str = "auto", precision: str = "auto",
                                     "oof_mean": _mean([r["dice"] for r in rows if r["organ"] == organ]),
                                     "largest_component": organ in choice["largest_component"]}
     write_text(json.dumps(summary, indent=2), folder / SUMMARY_NAME)
-    _calibrate(folder, rows, organs)
+    _calibrate(folder, rows, organs, task.inference.tta)
     table = [{"fold": f, "organ": o, **v} for f, by_organ in per_fold.items() for o, v in by_organ.items()]
     table += [{"fold": stat, "organ": o, "dice": s[stat]} for stat in ("mean", "std") for o, s in summary["organs"].items()]
     _write_csv(table, ["fold", "organ", "dice", "dice_raw"], folder / "cv_summary.csv")
@@ -292,8 +292,9 @@ def summarise(folder: str | Path, device: str = "auto", precision: str = "auto",
     return summary
 
 
-def _calibrate(folder: Path, rows: Sequence[Mapping], organs: Sequence[str]) -> dict:
-    """confidence.json from the out-of-fold organ-case rows (Dice with the chosen post-processing)."""
+def _calibrate(folder: Path, rows: Sequence[Mapping], organs: Sequence[str], tta: bool) -> dict:
+    """confidence.json from the out-of-fold organ-case rows (Dice with the chosen post-processing); `tta`: the
+    task's inference.tta, which the out-of-fold predictions followed."""
     from medseg.infer.calibration import calibrate_rows, write_calibration
     from medseg.infer.uncertainty import CONFIDENCE_SCORE, ESTIMATE_SCORE
 
@@ -301,7 +302,7 @@ def _calibrate(folder: Path, rows: Sequence[Mapping], organs: Sequence[str]) -> 
               ESTIMATE_SCORE: r.get(ESTIMATE_SCORE)} for r in rows]
     folds = len({r["fold"] for r in rows})
     data = calibrate_rows(pairs, organs, f"out-of-fold predictions of {folds} folds ({len({r['case'] for r in rows})}"
-                          " cases, each predicted by the fold that did not train on it)")
+                          " cases, each predicted by the fold that did not train on it)", tta=tta)
     write_calibration(data, folder)
     return data
 
@@ -318,7 +319,7 @@ def calibrate_folds(folder: str | Path, device: str = "auto", precision: str = "
     organs = list(task.label_names.values())
     chosen = read_postprocessing(folder)
     kept = chosen[0] if chosen else choose_postprocessing(results, organs)["largest_component"]
-    return _calibrate(folder, _case_rows(results, kept), organs)
+    return _calibrate(folder, _case_rows(results, kept), organs, task.inference.tta)
 
 
 def format_summary(summary: Mapping) -> list[str]:

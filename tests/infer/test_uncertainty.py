@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +133,23 @@ def test_predict_with_uncertainty_writes_maps_confidence_and_a_page_layer(tiny_m
     assert re.search(r'<img class="uncertainty" src="scan_uncertainty.png"', page)
     assert (out / "scan_uncertainty.png").is_file()
     assert "confidence" in capsys.readouterr().err
+
+
+def test_a_task_that_flips_by_default_is_overridden_by_no_tta(tiny_model, tmp_path):
+    """`inference.tta: true` in the task makes flips the default; `--no-tta` leaves them out, `--tta` is the same
+    as the default. Seen through the flipped members' disagreement map, written only where there are flips."""
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model", ignore=shutil.ignore_patterns("cache", "openvino")))
+    config = json.loads((model / "config.json").read_text())
+    assert config["task"]["inference"]["tta"] is False
+    config["task"]["inference"]["tta"] = True
+    (model / "config.json").write_text(json.dumps(config))
+    grid = make_grid("LPS", shape=(40, 36, 16), spacing=(1.5, 1.5, 3.0))
+    scan = write_image(blob_case(grid, seed=7)[0], grid, tmp_path / "scan.nii.gz")
+    written = {}
+    for flag in ([], ["--no-tta"], ["--tta"]):
+        out = tmp_path / ("out" + "".join(flag))
+        assert main(["predict", str(scan), "-m", str(model), "-o", str(out), "--uncertainty", "--no-overlays",
+                     "--device", "cpu", *flag]) == 0
+        written[tuple(flag)] = (out / "scan_disagreement.nii.gz").is_file()
+        assert (out / "scan_uncertainty.nii.gz").is_file()
+    assert written == {(): True, ("--no-tta",): False, ("--tta",): True}
