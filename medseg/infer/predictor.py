@@ -54,13 +54,18 @@ def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best
     The network is laid out for `device` and `precision` ('auto', 'bf16', 'fp32') by
     `medseg.runtime.prepare_network`, or compiled by OpenVINO (`backend`: 'auto', 'torch', 'openvino';
     `medseg.infer.backends.backend_network`). `precision` 'int8' takes the folder's int8 OpenVINO network,
-    only where `medseg quantize` checked it and it passed (`medseg.infer.quantize.int8_network`).
+    only where `medseg quantize` checked it and it passed (`medseg.infer.quantize.int8_network`); 'auto'
+    takes it too on a CPU without bf16 units (`medseg.infer.quantize.auto_takes_int8`).
     """
     folder = Path(folder)
     config = read_run_config(folder)
     weights = checkpoint_file(folder, checkpoint)
     torch_device = resolve_device(device)
     window = (config.network.in_channels, *config.network.patch_size)
+    if precision == "auto" and torch_device.type == "cpu":
+        from medseg.infer.quantize import auto_takes_int8
+
+        precision = INT8 if auto_takes_int8(weights, window, backend, torch_device) else precision
     if precision == INT8:  # the checked int8 OpenVINO network; torch's side of the windows stays fp32
         from medseg.infer.quantize import int8_network
 

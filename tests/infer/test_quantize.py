@@ -23,8 +23,8 @@ from medseg.cli import main
 from medseg.errors import InputError
 from medseg.infer.backends import openvino_version
 from medseg.infer.predictor import Predictor, load_model
-from medseg.infer.quantize import (MAX_DICE_CHANGE, MIN_AGREEMENT, calibration_windows, evenly, int8_network,
-                                   nncf_version, quantize_model, record_path, verdict)
+from medseg.infer.quantize import (MAX_DICE_CHANGE, MIN_AGREEMENT, auto_takes_int8, calibration_windows, evenly,
+                                   int8_network, nncf_version, quantize_model, record_path, verdict)
 from medseg.infer.stitching import window_starts
 from medseg.model.folder import load_checkpoint, read_run_config
 
@@ -74,8 +74,13 @@ def case(agreement: float, fp32: dict, int8: dict) -> dict:
 @pytest.mark.parametrize("rows, passed, reason", [
     pytest.param({"a": case(0.9995, {"liver": 0.90, "cord": 0.70}, {"liver": 0.896, "cord": 0.7049})}, True, None,
                  id="within"),
+    pytest.param({"a": case(1.0, {"cord": 0.70}, {"cord": 0.694}), "b": case(0.9999, {"cord": 0.70}, {"cord": 0.694})},
+                 False, r"cord mean Dice 0.7000 -> 0.6940 over 2 case\(s\): \|dDice\| 0.0060 > 0.005",
+                 id="an-organs-mean"),
     pytest.param({"a": case(1.0, {"cord": 0.70}, {"cord": 0.70}), "b": case(0.9999, {"cord": 0.70}, {"cord": 0.694})},
-                 False, r"cord \|dDice\| 0.0060 > 0.005 \(b\)", id="one-case-one-organ"),
+                 True, None, id="one-case-alone-is-recorded-not-gated"),
+    pytest.param({"a": case(1.0, {"cord": 0.70}, {"cord": 0.73}), "b": case(0.9999, {"cord": 0.70}, {"cord": 0.69})},
+                 False, r"cord mean Dice 0.7000 -> 0.7100", id="gains-count-as-changes-too"),
     pytest.param({"a": case(0.9989, {"cord": 0.7}, {"cord": 0.7})}, False, r"agreement 0.99890 < 0.999 \(a\)",
                  id="agreement"),
     pytest.param({"a": case(1.0, {"cord": None}, {"cord": 0.0})}, True, None, id="no-dice-is-left-out"),
@@ -92,8 +97,8 @@ def test_verdict(rows, passed, reason):
 
 def test_verdict_reports_mean_dice_and_the_worst_case():
     result = verdict({"a": case(1.0, {"cord": 0.70}, {"cord": 0.702}), "b": case(0.9997, {"cord": 0.60}, {"cord": 0.597})})
-    assert result["organs"]["cord"] == pytest.approx({"dice_fp32": 0.65, "dice_int8": 0.6495, "abs_dice_change": 0.003,
-                                                      "worst_case": "b", "cases": 2})
+    assert result["organs"]["cord"] == pytest.approx({"dice_fp32": 0.65, "dice_int8": 0.6495, "mean_dice_change": -0.0005,
+                                                      "abs_dice_change": 0.003, "worst_case": "b", "cases": 2})
     assert result["agreement"] == {"worst": 0.9997, "worst_case": "b"}
 
 
@@ -139,7 +144,9 @@ def test_quantize_writes_the_record_and_the_int8_network(quantized):
     for row in record["per_case"].values():
         assert 0.5 < row["agreement"] <= 1.0  # int8 is close to f32, but not necessarily equal
         assert set(row["dice_fp32"]) == set(row["dice_int8"]) == organs
-    worst = max(entry["abs_dice_change"] for entry in record["organs"].values())
+    means = {organ: [(row["dice_fp32"][organ], row["dice_int8"][organ]) for row in record["per_case"].values()
+                     if row["dice_fp32"][organ] is not None and row["dice_int8"][organ] is not None] for organ in organs}
+    worst = max(abs(np.mean([b for _, b in pairs]) - np.mean([a for a, _ in pairs])) for pairs in means.values() if pairs)
     agreement = min(row["agreement"] for row in record["per_case"].values())
     assert record["passed"] is (worst <= MAX_DICE_CHANGE and agreement >= MIN_AGREEMENT)
     assert record["agreement"]["worst"] == agreement
@@ -190,8 +197,23 @@ def test_predict_int8_uses_the_checked_network_and_writes_the_mask_on_the_scan_g
 
 
 @needs_nncf
-def test_auto_precision_never_takes_int8(passed_copy):
-    bundle = load_model(passed_copy, "cpu", precision="auto", backend="openvino")
+def test_auto_precision_takes_checked_int8_only_without_bf16_units(passed_copy, quantized, tiny_model, tmp_path):
+    """On a CPU without bf16 units `auto` runs the int8 network that passed its check; with bf16 units, with torch
+    asked for, without a passed record, or on other weights, it does not. The CPU is a parameter here, the rest is
+    real: records, IRs, hashes."""
+    weights, window, cpu = passed_copy / "best.pt", (1, 16, 16, 16), torch.device("cpu")
+    assert auto_takes_int8(weights, window, "auto", cpu, native_bf16=False)
+    assert not auto_takes_int8(weights, window, "auto", cpu, native_bf16=True)
+    assert not auto_takes_int8(weights, window, "torch", cpu, native_bf16=False)
+    refused = copy_model(quantized[0], tmp_path / "refused")
+    edit_json(record_path(refused), passed=False, refused_because="test")
+    assert not auto_takes_int8(refused / "best.pt", window, "auto", cpu, native_bf16=False)
+    assert not auto_takes_int8(tiny_model / "best.pt", window, "auto", cpu, native_bf16=False)  # never quantised
+    state = load_checkpoint(weights)
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, weights)
+    assert not auto_takes_int8(weights, window, "auto", cpu, native_bf16=False)  # stale record: auto falls back
+    bundle = load_model(passed_copy, "cpu", precision="auto", backend="openvino")  # no error either
     assert bundle.network.precision in ("f32", "bf16")
 
 
