@@ -26,15 +26,16 @@ model's accuracy (issue 21). Optional: `pip install "medseg[int8]"` (NNCF; OpenV
    bf16 autocast that `--precision auto` runs on bf16 CPUs moves single cases by up to 0.007 too
    (docs/performance.md).
 6. `<model>/openvino/int8.json` (`RECORD_NAME`), written atomically: the checkpoint's SHA-256, the cache
-   key, window, versions, calibration cases and windows, per organ the Dice of both and the worst |ΔDice|,
+   key, window, versions, calibration cases and windows, per organ the mean Dice of both, their difference
+   and the worst case's |ΔDice|,
    per case the agreement, `passed` and why not.
 
 `medseg predict --precision int8` (`int8_network`) runs the int8 IR only on OpenVINO on the CPU, and only
 where int8.json was measured on these weights with this OpenVINO, passed, and names the IR that is there
 (its SHA-256); else a one-line error that says what to run or why int8 was refused. The layers left
-unquantised run in f32, as checked. `--precision auto` takes it (`int8_ready`) on a CPU without bf16
-units, where the alternative is f32 and int8 ran 1.1-2x faster than f32 OpenVINO (AVX2); where the CPU
-has bf16, bf16 stays the default (as fast or faster, and closer to f32).
+unquantised run in f32, as checked. `--precision auto` takes it (`auto_takes_int8`) on a CPU without bf16
+units, where the alternative is f32 and int8 ran 1.1-1.8x faster than f32 OpenVINO (held to AVX2); where
+the CPU has bf16, bf16 stays the default (as fast or faster, and closer to f32).
 """
 
 from __future__ import annotations
