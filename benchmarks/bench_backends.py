@@ -292,7 +292,7 @@ def bench_conversion(folder: Path) -> dict:
 def int8_variant(folder: Path) -> tuple[dict, dict]:
     """`openvino_int8` where the model's `medseg quantize` check passed: (name -> `ModelBundle`, its check's
     figures); ({}, {"skipped": why}) where it has none, or it was refused, or its weights changed since."""
-    from medseg.infer.quantize import record_path
+    from medseg.infer.int8 import record_path
 
     try:
         bundle = load_model(folder, "cpu", precision="int8", backend="openvino")

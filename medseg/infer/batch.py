@@ -294,6 +294,7 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
     from tqdm import tqdm
 
     from medseg.infer.backends import describe_backend
+    from medseg.infer.int8 import quantize_hint
 
     log = logging.getLogger("medseg.predict")
     world = world or World(resolve_device(options.device))
@@ -308,6 +309,8 @@ def predict_many(inputs: Sequence[Path], out: Path, options: PredictOptions,
                                options.uncertainty, options.backend)  # a cross-validation folder: its folds' ensemble
     if world.is_main:
         print(f"{model.name}: {describe_backend(predictor)}", file=sys.stderr)
+        if hint := quantize_hint(predictor, options.precision):
+            print(hint, file=sys.stderr)
     task = predictor.task
     check = Checker(model_folders(model), task, postprocessing_of(predictor)["largest_component"],
                     with_confidence=not isinstance(predictor, Predictor), calibration=read_calibration(model))

@@ -54,8 +54,8 @@ def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best
     The network is laid out for `device` and `precision` ('auto', 'bf16', 'fp32') by
     `medseg.runtime.prepare_network`, or compiled by OpenVINO (`backend`: 'auto', 'torch', 'openvino';
     `medseg.infer.backends.backend_network`). `precision` 'int8' takes the folder's int8 OpenVINO network,
-    only where `medseg quantize` checked it and it passed (`medseg.infer.quantize.int8_network`); 'auto'
-    takes it too on a CPU without bf16 units (`medseg.infer.quantize.auto_takes_int8`).
+    only where `medseg quantize` checked it and it passed (`medseg.infer.int8.int8_network`); 'auto'
+    takes it too on a CPU without bf16 units (`medseg.infer.int8.auto_takes_int8`).
     """
     folder = Path(folder)
     config = read_run_config(folder)
@@ -63,11 +63,11 @@ def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best
     torch_device = resolve_device(device)
     window = (config.network.in_channels, *config.network.patch_size)
     if precision == "auto" and torch_device.type == "cpu":
-        from medseg.infer.quantize import auto_takes_int8
+        from medseg.infer.int8 import auto_takes_int8
 
         precision = INT8 if auto_takes_int8(weights, window, backend, torch_device) else precision
     if precision == INT8:  # the checked int8 OpenVINO network; torch's side of the windows stays fp32
-        from medseg.infer.quantize import int8_network
+        from medseg.infer.int8 import int8_network
 
         network = int8_network(weights, window, backend, torch_device)
         return ModelBundle(folder, config.task, config.preprocessing, config.network, network, torch_device, "fp32",

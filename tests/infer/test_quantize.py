@@ -23,8 +23,8 @@ from medseg.cli import main
 from medseg.errors import InputError
 from medseg.infer.backends import openvino_version
 from medseg.infer.predictor import Predictor, load_model
-from medseg.infer.quantize import (MAX_DICE_CHANGE, MIN_AGREEMENT, auto_takes_int8, calibration_windows, evenly,
-                                   int8_network, nncf_version, quantize_model, record_path, verdict)
+from medseg.infer.int8 import auto_takes_int8, int8_network, nncf_version, quantize_hint, record_path
+from medseg.infer.quantize import MAX_DICE_CHANGE, MIN_AGREEMENT, calibration_windows, evenly, quantize_model, verdict
 from medseg.infer.stitching import window_starts
 from medseg.model.folder import load_checkpoint, read_run_config
 
@@ -215,6 +215,18 @@ def test_auto_precision_takes_checked_int8_only_without_bf16_units(passed_copy, 
     assert not auto_takes_int8(weights, window, "auto", cpu, native_bf16=False)  # stale record: auto falls back
     bundle = load_model(passed_copy, "cpu", precision="auto", backend="openvino")  # no error either
     assert bundle.network.precision in ("f32", "bf16")
+
+
+@needs_nncf
+def test_predict_hints_at_quantize_where_auto_ran_fp32(passed_copy, tiny_model):
+    """`auto` that ended in f32 (what a CPU without bf16 units gets) hints at `medseg quantize`; not after an
+    explicit precision, and not once the int8 network runs."""
+    fp32 = Predictor(tiny_model, device="cpu", precision="fp32", backend="torch")
+    assert f"`medseg quantize {tiny_model}` (once)" in quantize_hint(fp32, "auto")
+    assert quantize_hint(fp32, "fp32") is None
+    assert quantize_hint(Predictor(passed_copy, device="cpu", precision="int8"), "auto") is None
+    bf16 = Predictor(tiny_model, device="cpu", precision="bf16", backend="torch")
+    assert quantize_hint(bf16, "auto") is None
 
 
 @needs_nncf
