@@ -23,7 +23,8 @@ Parts:
 - `e2e`: `Predictor.predict` from the file to the mask on the scan's grid (read, preprocess, inference,
   way back, largest piece; output files are the same work for every variant and are left out) on the
   first sample test scan of the prostate model's task and on an adult-sized 512 x 512 x `--slices`
-  synthetic CT (`bench_predict.make_scan`, scale 1.45).
+  synthetic CT (`bench_predict.make_scan`, scale 1.45); with `--headneck-data`, also the headneck model on
+  the first of `--headneck-cases` (`e2e_headneck`).
 - `agreement`: labels of every variant against torch fp32 on trained models (prostate: the sample test
   cases; headneck: `--headneck-cases` of `--headneck-data`, default `--cases` of the model's validation cases),
   and per-organ Dice against the references on the organs each case contoured. Criteria (issue 21):
@@ -162,12 +163,15 @@ def isa_subprocess(args: argparse.Namespace) -> dict:
                "--threads", str(args.threads), "--slices", str(args.slices), "--prostate-model", str(args.prostate_model)]
     if args.headneck_model:
         command += ["--headneck-model", str(args.headneck_model)]
+    if args.headneck_data:
+        command += ["--headneck-data", str(args.headneck_data), *(["--headneck-cases", *args.headneck_cases]
+                                                                  if args.headneck_cases else [])]
     if args.int8:
         command += ["--int8"]
     done = subprocess.run(command, env=dict(os.environ, **env), capture_output=True, text=True, check=True)
     result = json.loads(done.stdout)
-    return {"env": " ".join(f"{k}={v}" for k, v in env.items()), **{part: result[part] for part in parts},
-            **({"int8": result["int8"]} if "int8" in result else {})}
+    return {"env": " ".join(f"{k}={v}" for k, v in env.items()),
+            **{key: result[key] for key in (*parts, "e2e_headneck", "int8") if key in result}}
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -373,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             sample = list(test_cases(args.prostate_model, 1)[0].images)
             scans = {"sample_test_scan": sample, f"adult_512x512x{args.slices}": adult_scan(Path(tmp), args.slices)}
             result["e2e"] = bench_e2e(args.prostate_model, scans, bf16, args.repeats, extra["prostate"])
+        if args.headneck_model and args.headneck_data:  # the real-data model on one scan it never saw
+            case = test_cases(args.headneck_model, 1, args.headneck_data, (args.headneck_cases or [])[:1] or None)[0]
+            result["e2e_headneck"] = bench_e2e(args.headneck_model, {case.name: list(case.images)}, bf16, args.repeats,
+                                               extra["headneck"])
     if args.isa and {"window", "e2e"} & set(args.parts):
         log(f"window and e2e, held to {args.isa}")
         result[f"held_to_{args.isa}"] = isa_subprocess(args)
