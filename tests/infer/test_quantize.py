@@ -1,5 +1,6 @@
 """int8 through NNCF: `medseg quantize` on a tiny trained model (one quantisation shared by the module), the
-record it writes, `--precision int8` and its refusals. Real OpenVINO and NNCF where installed (CI installs
+record it writes, and the rules predict reads it by (`medseg.infer.int8`: `--precision int8`, its refusals,
+`auto` without bf16 units), which share the quantised model. Real OpenVINO and NNCF where installed (CI installs
 both: the test extra); the missing-NNCF error runs everywhere, in a subprocess where the import really fails."""
 
 from __future__ import annotations
