@@ -241,12 +241,15 @@ def _print_case(row: dict, log) -> None:
 
 
 def _write_summary(out: Path, model: Path, predictor, rows: list[dict], failures: list, check) -> None:
-    """summary.json (post-processing and its source, cases, failures, QA flags worst first) and review.html."""
+    """summary.json (post-processing and its source, whether flips were averaged, cases, failures, QA flags worst
+    first) and review.html."""
     import sys
 
     from medseg.review.page import write_review_page
 
-    write_text(json.dumps({"model": str(model), "postprocessing": postprocessing_of(predictor), "cases": rows,
+    flips = predictor.tta if isinstance(predictor, Predictor) else predictor.members[0].tta  # the task's, or --tta
+    write_text(json.dumps({"model": str(model), "postprocessing": postprocessing_of(predictor),
+                           "test_time_flips": bool(flips), "cases": rows,
                            "failed": [{"input": str(p), "error": m} for p, m in failures], **check.report(rows)},
                           indent=2), out / "summary.json")
     print(check.closing_line(rows), file=sys.stderr)

@@ -152,4 +152,5 @@ def test_a_task_that_flips_by_default_is_overridden_by_no_tta(tiny_model, tmp_pa
                      "--device", "cpu", *flag]) == 0
         written[tuple(flag)] = (out / "scan_disagreement.nii.gz").is_file()
         assert (out / "scan_uncertainty.nii.gz").is_file()
+        assert json.loads((out / "summary.json").read_text())["test_time_flips"] is written[tuple(flag)]
     assert written == {(): True, ("--no-tta",): False, ("--tta",): True}
