@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             scans = {"sample_test_scan": sample, f"adult_512x512x{args.slices}": adult_scan(Path(tmp), args.slices)}
             result["e2e"] = bench_e2e(args.prostate_model, scans, bf16, args.repeats, extra["prostate"])
         if args.headneck_model and args.headneck_data:  # the real-data model on one scan it never saw
-            case = test_cases(args.headneck_model, 1, args.headneck_data, (args.headneck_cases or [])[:1] or None)[0]
+            case = test_cases(args.headneck_model, 1, args.headneck_data, args.headneck_cases[:1] if args.headneck_cases else None)[0]
             result["e2e_headneck"] = bench_e2e(args.headneck_model, {case.name: list(case.images)}, bf16, args.repeats,
                                                extra["headneck"])
     if args.isa and {"window", "e2e"} & set(args.parts):

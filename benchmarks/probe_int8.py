@@ -16,10 +16,8 @@ Prints JSON and writes it to `--out`. Needs `pip install "medseg[int8]"`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 
 from medseg.infer import quantize
-from medseg.infer.backends import OpenVINONetwork, compile_options
+from medseg.infer.backends import IR_NAME, OpenVINONetwork, compile_options
 from medseg.infer.predictor import Predictor, load_model
 from medseg.model.folder import read_run_config
 from medseg.runtime import cpu_flags, cpu_name, keep_freed_memory
@@ -54,19 +52,13 @@ def probe_bf16(folder: Path, fp32: Predictor, cases: list) -> dict:
 
 
 def probe_calibration(folder: Path, fp32: Predictor, cases: list) -> dict:
-    import nncf
     import openvino as ov
 
     config, entry, result = read_run_config(folder), fp32.bundle.network.cache, {}
-    logging.getLogger("nncf").setLevel(logging.WARNING)
     for name, (count, fast) in CALIBRATIONS.items():
         windows = quantize.calibration_windows(fp32, quantize.training_cases(folder, config, None, count))
-        model = ov.Core().read_model(entry / "network.xml")
         start = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):
-            quantised = nncf.quantize(model, nncf.Dataset(windows), preset=nncf.QuantizationPreset(quantize.PRESET),
-                                      subset_size=len(windows), fast_bias_correction=fast,
-                                      ignored_scope=nncf.IgnoredScope(names=quantize.head_convolutions(model)))
+        quantised, _ = quantize.quantize_network(entry / IR_NAME, windows, fast_bias_correction=fast)
         seconds = time.perf_counter() - start
         compiled = ov.Core().compile_model(quantised, "CPU", compile_options("f32"))
         int8 = Predictor(dataclasses.replace(fp32.bundle, network=OpenVINONetwork(compiled, "int8", None, False, 0.0)))

@@ -11,6 +11,7 @@ network: `medseg.infer.quantize`.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -71,15 +72,22 @@ def int8_network(weights: Path, window: Sequence[int], backend: str, device: tor
 
 
 def auto_takes_int8(weights: Path, window: Sequence[int], backend: str, device: torch.device,
-                    native_bf16: bool | None = None) -> bool:
-    """`--precision auto`: a checked int8 network on a CPU without bf16 units (`native_bf16`: default, this
-    CPU's), unless torch is asked for; bf16 where the CPU has it, as before."""
+                    native_bf16: bool | None = None) -> Path | None:
+    """`--precision auto`: the folder of the checked int8 network on a CPU without bf16 units (`native_bf16`:
+    default, this CPU's), unless torch is asked for; else None (bf16 where the CPU has it, as before). Never
+    an error: OpenVINO missing, or an int8.json missing, refused or stale for these weights, this OpenVINO or
+    this IR, and auto falls back."""
     from medseg.runtime import cpu_has_native_bf16
 
-    if device.type != "cpu" or backend == "torch":
-        return False
-    native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
-    return not native and int8_ready(weights.parent, weights, window)
+    folder = weights.parent
+    if device.type != "cpu" or backend == "torch" or openvino_version() is None or not record_path(folder).is_file():
+        return None
+    if cpu_has_native_bf16() if native_bf16 is None else native_bf16:
+        return None
+    try:
+        return checked_entry(read_record(folder), folder, weights, window)
+    except (InputError, ConfigError):
+        return None
 
 
 def quantize_hint(predictor, precision: str) -> str | None:
@@ -88,22 +96,10 @@ def quantize_hint(predictor, precision: str) -> str | None:
     bundle = getattr(predictor, "bundle", None)  # a cross-validation ensemble has none: quantised per fold
     if precision != "auto" or bundle is None or bundle.device.type != "cpu" or bundle.precision != "fp32":
         return None
-    if getattr(bundle.network, "precision", None) == INT8 or nncf_version() is None:
-        return None
+    if getattr(bundle.network, "precision", None) == INT8 or importlib.util.find_spec("nncf") is None:
+        return None  # find_spec: whether NNCF is there, without the seconds of importing it
     return (f"hint: this CPU has no bf16 units; `medseg quantize {bundle.folder}` (once) lets predict run int8 where "
             f"it keeps each organ's Dice, 2.1x faster than torch fp32 on the prostate model (docs/performance.md)")
-
-
-def int8_ready(folder: Path, weights: Path, window: Sequence[int]) -> bool:
-    """Whether `--precision auto` may take the folder's int8 network: OpenVINO installed and an int8.json that
-    passed for these weights, this OpenVINO and the IR that is there. Never an error: auto falls back."""
-    if openvino_version() is None or not record_path(folder).is_file():
-        return False
-    try:
-        checked_entry(read_record(folder), folder, weights, window)
-    except (InputError, ConfigError):
-        return False
-    return True
 
 
 def read_record(folder: Path) -> dict:

@@ -62,14 +62,15 @@ def load_model(folder: str | Path, device: str = "auto", checkpoint: str = "best
     weights = checkpoint_file(folder, checkpoint)
     torch_device = resolve_device(device)
     window = (config.network.in_channels, *config.network.patch_size)
+    checked = None  # the int8 network `auto` takes, checked once (medseg.infer.int8)
     if precision == "auto" and torch_device.type == "cpu":
         from medseg.infer.int8 import auto_takes_int8
 
-        precision = INT8 if auto_takes_int8(weights, window, backend, torch_device) else precision
-    if precision == INT8:  # the checked int8 OpenVINO network; torch's side of the windows stays fp32
-        from medseg.infer.int8 import int8_network
+        checked = auto_takes_int8(weights, window, backend, torch_device)
+    if precision == INT8 or checked:  # the checked int8 OpenVINO network; torch's side of the windows stays fp32
+        from medseg.infer.int8 import compiled_int8, int8_network
 
-        network = int8_network(weights, window, backend, torch_device)
+        network = compiled_int8(checked) if checked else int8_network(weights, window, backend, torch_device)
         return ModelBundle(folder, config.task, config.preprocessing, config.network, network, torch_device, "fp32",
                            "openvino")
     network = build_network(config.network)

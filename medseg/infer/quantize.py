@@ -174,8 +174,9 @@ def calibration_windows(predictor: Predictor, cases: Sequence, limit: int = MAX_
     return windows
 
 
-def quantize_network(xml: Path, windows: Sequence[np.ndarray]):
-    """The f32 IR at `xml` quantised by NNCF on `windows`; returns (int8 model, the f32-kept head layers)."""
+def quantize_network(xml: Path, windows: Sequence[np.ndarray], fast_bias_correction: bool = True):
+    """The f32 IR at `xml` quantised by NNCF on `windows`; returns (int8 model, the f32-kept head layers).
+    `fast_bias_correction=False`: NNCF's full bias correction (`benchmarks/probe_int8.py` compares them)."""
     import contextlib
     import logging
     import sys
@@ -191,7 +192,7 @@ def quantize_network(xml: Path, windows: Sequence[np.ndarray]):
     try:
         with contextlib.redirect_stdout(sys.stderr):  # its progress bars too: stdout is for results
             quantised = nncf.quantize(model, nncf.Dataset(list(windows)), preset=nncf.QuantizationPreset(PRESET),
-                                      subset_size=len(windows), fast_bias_correction=True,
+                                      subset_size=len(windows), fast_bias_correction=fast_bias_correction,
                                       ignored_scope=nncf.IgnoredScope(names=head))
     finally:
         logger.setLevel(level)
